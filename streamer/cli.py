@@ -1,0 +1,35 @@
+"""The `streamer` command: subcommands, and the one place errors become a one-line message."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import StreamerError
+
+    demo, generate_cli, split = (importlib.import_module(f"streamer.{m}") for m in ("demo", "generate_cli", "split"))
+
+    parser = argparse.ArgumentParser(prog="streamer", description="Run Llama 3 block by block from disk.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {
+        "split": (split, "shard a Meta checkpoint into one file per block"),
+        "generate": (generate_cli, "generate text from a split model"),
+        "demo": (demo, "make a small random model, split it and generate from it"),
+    }
+    for name, (module, help_text) in commands.items():
+        module.setup_arg_parser(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    try:
+        return commands[args.command][0].main(args)
+    except StreamerError as e:
+        print(f"streamer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"streamer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

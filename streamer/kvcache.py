@@ -1,0 +1,169 @@
+"""KV caches. The runner maps one block's cache at a time; the block math gets it as a tensor.
+
+Each block's cache is one tensor laid out as
+    [2 (keys after RoPE, values), slots, max_seq, n_kv_heads, head_dim]   in the compute dtype,
+so a sequence's positions are contiguous. DiskKVCache keeps one sparse, preallocated file per block
+(only written positions take disk space) plus a small JSON header naming the model, dtype, layout and
+the token ids each slot holds, so that a kept cache can be resumed and a foreign one refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .args import ModelArgs
+from .errors import StreamerError
+from .layout import write_json_atomic
+from .weights import drop_cache
+
+KV_FORMAT = "streamer-kv"
+KV_VERSION = 1
+LAYOUT = "[2, slots, max_seq, n_kv_heads, head_dim]"
+HEADER = "kv.json"
+
+
+class KVCache:
+    """Interface: `layer(i)` yields block i's cache tensor; `tokens[slot]` lists the ids it holds."""
+
+    def __init__(self, args: ModelArgs, slots: int, max_seq: int, dtype: torch.dtype):
+        self.args, self.slots, self.max_seq, self.dtype = args, slots, max_seq, dtype
+        self.shape = (2, slots, max_seq, args.n_kv_heads, args.head_dim)
+        self.tokens: list[list[int]] = [[] for _ in range(slots)]
+
+    @property
+    def layer_bytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+    def reserve(self, slot: int, length: int) -> None:
+        """Make room for `length` positions in `slot` before any work starts."""
+        if length > self.max_seq:
+            raise StreamerError(f"sequence of {length} tokens exceeds --max-seq-len {self.max_seq}")
+
+    def commit(self) -> None:
+        """Called after every forward pass, once all blocks hold the new positions."""
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryKVCache(KVCache):
+    """The cache in RAM: for tests and references."""
+
+    def __init__(self, args, slots, max_seq, dtype):
+        super().__init__(args, slots, max_seq, dtype)
+        self.layers = [torch.zeros(self.shape, dtype=dtype) for _ in range(args.n_layers)]
+
+    @contextlib.contextmanager
+    def layer(self, i: int):
+        yield self.layers[i]
+
+
+class DiskKVCache(KVCache):
+    """One memory-mapped file per block; only the running block's file is mapped, and it is
+    unmapped and dropped from the page cache when the block is done, so contexts need not fit in RAM.
+    With `directory=None` it lives in a temporary folder removed on close; otherwise it is kept."""
+
+    def __init__(self, args: ModelArgs, slots: int, max_seq: int, dtype: torch.dtype,
+                 model_sha256: str, directory: Path | None = None):
+        super().__init__(args, slots, max_seq, dtype)
+        self.model_sha256 = model_sha256
+        self.keep = directory is not None
+        self.dir = Path(directory) if self.keep else Path(tempfile.mkdtemp(prefix="streamer-kv-"))
+        if self.dir.exists() and not self.dir.is_dir():
+            raise StreamerError(f"{self.dir}: --kv-dir exists and is not a folder")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        header = self.dir / HEADER
+        if header.exists():
+            self._adopt(header)
+        else:
+            self._create()
+
+    def _path(self, i: int) -> Path:
+        return self.dir / f"block_{i:03d}.kv"
+
+    def _header(self) -> dict:
+        return {"format": KV_FORMAT, "version": KV_VERSION, "model_manifest_sha256": self.model_sha256,
+                "dtype": str(self.dtype).removeprefix("torch."), "layout": LAYOUT, "shape": list(self.shape),
+                "n_layers": self.args.n_layers, "tokens": self.tokens}
+
+    def _create(self) -> None:
+        try:
+            for i in range(self.args.n_layers):
+                with open(self._path(i), "wb") as f:
+                    f.truncate(self.layer_bytes)  # sparse: disk is used only where positions are written
+            if self.keep:
+                write_json_atomic(self.dir / HEADER, self._header())
+        except OSError as e:
+            raise StreamerError(f"{self.dir}: cannot create the KV cache ({e.strerror})") from None
+
+    def _adopt(self, path: Path) -> None:
+        """Take over a kept cache, refusing one written for another model, dtype or layout."""
+        try:
+            h = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise StreamerError(f"{path}: unreadable KV cache header; remove {self.dir} to start afresh") from None
+        want = self._header()
+        for key in ("format", "version", "model_manifest_sha256", "dtype", "layout", "n_layers"):
+            if h.get(key) != want[key]:
+                raise StreamerError(f"{self.dir}: KV cache was written for another {key.replace('_', ' ')} "
+                                    f"({h.get(key)!r}, this run needs {want[key]!r}); use another --kv-dir or remove it")
+        if h.get("shape", [])[:2] != want["shape"][:2] or h["shape"][3:] != want["shape"][3:]:
+            raise StreamerError(f"{self.dir}: KV cache has shape {h.get('shape')}, this run needs {want['shape']}")
+        self.max_seq = h["shape"][2]
+        self.shape = tuple(h["shape"])
+        self.tokens = [list(t) for t in h["tokens"]]
+        for i in range(self.args.n_layers):
+            p = self._path(i)
+            if not p.is_file() or p.stat().st_size != self.layer_bytes:
+                raise StreamerError(f"{p}: missing or wrong size for the KV cache in {self.dir}")
+
+    def reserve(self, slot: int, length: int) -> None:
+        """Allocate the slot's disk blocks now, so a full disk is a clear error here and never a
+        SIGBUS from a mapped write later."""
+        super().reserve(slot, length)
+        row = self.args.n_kv_heads * self.args.head_dim * self.dtype.itemsize
+        try:
+            for i in range(self.args.n_layers):
+                fd = os.open(self._path(i), os.O_RDWR)
+                try:
+                    for kv in (0, 1):
+                        os.posix_fallocate(fd, ((kv * self.slots + slot) * self.max_seq) * row, length * row)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            raise StreamerError(f"{self.dir}: cannot reserve {2 * length * row * self.args.n_layers / 1e6:.1f} MB "
+                                f"for the KV cache ({e.strerror})") from None
+
+    @contextlib.contextmanager
+    def layer(self, i: int):
+        path = self._path(i)
+        try:
+            t = torch.from_file(str(path), shared=True, size=torch.Size(self.shape).numel(), dtype=self.dtype)
+            yield t.view(self.shape)
+        except OSError as e:
+            raise StreamerError(f"{path}: KV cache write failed ({e.strerror})") from None
+        finally:
+            t = None  # unmapped here; the dirty pages go to disk and leave the page cache
+            with open(path, "rb") as f:
+                drop_cache(f.fileno())
+
+    def commit(self) -> None:
+        if not self.keep:
+            return
+        try:
+            for i in range(self.args.n_layers):
+                with open(self._path(i), "rb+") as f:
+                    os.fdatasync(f.fileno())
+            write_json_atomic(self.dir / HEADER, self._header())
+        except OSError as e:
+            raise StreamerError(f"{self.dir}: cannot save the KV cache ({e.strerror})") from None
+
+    def close(self) -> None:
+        if not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,80 @@
+"""Measuring our own memory honestly: RSS, private (anonymous) and file-backed pages, per phase.
+
+RSS alone misleads a memory-mapped runner: mapped weight pages count in it, yet the kernel can drop
+them at will. Private pages are what a machine must really have; file-backed ones are reclaimable.
+"""
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+KINDS = ("rss", "private", "file")
+
+
+@dataclass
+class MemoryReport:
+    peak: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))  # bytes
+    peak_phase: dict[str, str] = field(default_factory=lambda: dict.fromkeys(KINDS, ""))
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> kind -> peak bytes
+    ru_maxrss: int = 0  # the kernel's own high-water mark of RSS, bytes
+
+    def as_dict(self) -> dict:
+        return {"peak_rss": self.peak["rss"], "peak_private": self.peak["private"], "peak_file": self.peak["file"],
+                "peak_phase": self.peak_phase, "ru_maxrss": self.ru_maxrss, "phases": self.phases}
+
+    def table(self) -> str:
+        rows = [f"{'phase':<10} {'peak RSS':>10} {'private':>10} {'file':>10}"]
+        for phase, p in self.phases.items():
+            rows.append(f"{phase:<10} " + " ".join(f"{p[k] / 2**20:>8.1f}Mi" for k in KINDS))
+        rows.append(f"{'overall':<10} " + " ".join(f"{self.peak[k] / 2**20:>8.1f}Mi" for k in KINDS)
+                    + f"   (ru_maxrss {self.ru_maxrss / 2**20:.1f}Mi)")
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        return ", ".join(f"peak {k} {self.peak[k] / 2**20:.0f} MiB ({self.peak_phase[k]})" for k in KINDS)
+
+
+class MemoryMonitor:
+    """A sampler thread; the runner names the current phase, and every sample is filed under it."""
+
+    def __init__(self, interval: float = 0.01):
+        self.phase = "setup"
+        self.report = MemoryReport()
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        m = self._proc.memory_info()
+        now = {"rss": m.rss, "private": m.rss - m.shared, "file": m.shared}
+        phase = self.phase
+        per = self.report.phases.setdefault(phase, dict.fromkeys(KINDS, 0))
+        for k, v in now.items():
+            per[k] = max(per[k], v)
+            if v > self.report.peak[k]:
+                self.report.peak[k], self.report.peak_phase[k] = v, phase
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def set_phase(self, phase: str) -> None:
+        self.sample()  # close the previous phase with a fresh sample
+        self.phase = phase
+
+    def stop(self) -> MemoryReport:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        self.report.ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self.report
+
+
+def now() -> float:
+    return time.perf_counter()

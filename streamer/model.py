@@ -1,0 +1,116 @@
+"""The pure block math of Llama 3: no I/O, no device choice. Weights and the KV cache come in as arguments.
+
+Tokens of all sequences in a step are packed along one axis (N rows); `seqs` says which rows belong
+to which cache slot and at what position they start, so matmuls see the whole batch at once while
+attention stays per sequence and never mixes them.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .args import ModelArgs
+
+ROWS_PER_CHUNK = 512  # long prompts run the big matmuls in row chunks, bounding activation memory
+
+
+class Seq(NamedTuple):
+    slot: int  # row of the KV cache this sequence owns
+    start: int  # position of its first row in this step (= tokens already cached)
+    rows: slice  # its rows in the packed [N, dim] activations
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight.to(x.dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Per-pair rotation frequencies [head_dim/2], float32, with Llama 3.1's apply_scaling when set."""
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    if not args.use_scaled_rope:
+        return freqs
+    factor, low, high, old = (args.rope_scale_factor, args.rope_low_freq_factor,
+                              args.rope_high_freq_factor, args.rope_original_max_pos)
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > old / low, freqs / factor, freqs)
+    smooth = (old / wavelen - low) / (high - low)
+    mid = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_rotations(freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Unit complex rotations [N, head_dim/2] for integer positions [N]."""
+    angles = torch.outer(positions.float(), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Meta's apply_rotary_emb: rotate interleaved pairs (2i, 2i+1). x [N, heads, hd], rot [N, hd/2]."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [N, heads, hd/2]
+    return torch.view_as_real(xc * rot[:, None, :]).flatten(-2).type_as(x)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal grouped-query attention of one sequence. q [T, H, hd] at positions start..start+T-1;
+    k, v [start+T, KV, hd]. Query head h reads kv head h // (H/KV). Returns [T, H*hd]."""
+    T, H, hd = q.shape
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, T|S, hd)
+    mask = None
+    if T > 1 and start > 0:  # query t sees keys 0..start+t
+        mask = torch.ones(T, start + T, dtype=torch.bool).tril(diagonal=start)
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                         is_causal=(T > 1 and start == 0), enable_gqa=H != k.shape[0])
+    return out[0].transpose(0, 1).reshape(T, H * hd)
+
+
+def attention(x, w, rot, kv, seqs: list[Seq], args: ModelArgs) -> torch.Tensor:
+    """x [N, dim] (already normed) -> [N, dim]. Writes this step's keys (after RoPE) and values into
+    kv [2, slots, max_seq, KV, hd] at each sequence's positions, then attends over the cached prefix."""
+    N, H, KV, hd = x.shape[0], args.n_heads, args.n_kv_heads, args.head_dim
+    qkv = linear(x, w["wqkv"])  # [N, (H + 2 KV) hd]
+    q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
+    q = apply_rope(q.reshape(N, H, hd), rot)
+    k = apply_rope(k.reshape(N, KV, hd), rot)
+    v = v.reshape(N, KV, hd)
+    out = torch.empty(N, H * hd, dtype=x.dtype)
+    for s in seqs:
+        end = s.start + (s.rows.stop - s.rows.start)
+        kv[0, s.slot, s.start:end] = k[s.rows]
+        kv[1, s.slot, s.start:end] = v[s.rows]
+        out[s.rows] = attend(q[s.rows], kv[0, s.slot, :end].to(x.dtype), kv[1, s.slot, :end].to(x.dtype), s.start)
+    return linear(out, w["wo"])
+
+
+def feed_forward(x: torch.Tensor, w) -> torch.Tensor:
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 stored fused as w13."""
+    gate, up = linear(x, w["w13"]).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w["w2"])
+
+
+def block(x: torch.Tensor, w, rot: torch.Tensor, kv: torch.Tensor, seqs: list[Seq], args: ModelArgs) -> torch.Tensor:
+    """One Transformer block on packed rows x [N, dim]: pre-norm attention, then pre-norm SwiGLU."""
+    h = x + attention(rms_norm(x, w["attention_norm"], args.norm_eps), w, rot, kv, seqs, args)
+    out = torch.empty_like(h)
+    for i in range(0, h.shape[0], ROWS_PER_CHUNK):
+        hi = h[i:i + ROWS_PER_CHUNK]
+        out[i:i + ROWS_PER_CHUNK] = hi + feed_forward(rms_norm(hi, w["ffn_norm"], args.norm_eps), w)
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, converting this one matrix to the compute dtype if it is stored in another."""
+    return F.linear(x, weight.to(x.dtype))
+
+
+def logits(h: torch.Tensor, norm: torch.Tensor, output: torch.Tensor, eps: float, rows: int = 16384) -> torch.Tensor:
+    """Final norm and output head for h [M, dim] -> float32 [M, vocab], the head applied in row chunks."""
+    h = rms_norm(h, norm, eps)
+    out = torch.empty(h.shape[0], output.shape[0], dtype=torch.float32)
+    for i in range(0, output.shape[0], rows):
+        out[:, i:i + rows] = linear(h, output[i:i + rows])
+    return out

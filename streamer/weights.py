@@ -1,0 +1,192 @@
+"""All weight-file I/O: safetensors headers, streamed writing, memory-mapped reading, eviction.
+
+Layer files are plain safetensors, read here without the safetensors library so that every
+header is checked against the file size before a byte of it is mapped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import StreamerError
+
+DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 << 20
+_CHUNK = 64 << 20  # bytes per write: bounds the buffers a split holds
+
+
+def read_header(path: Path, file_size: int | None = None) -> tuple[dict, int]:
+    """Parse and check a safetensors header; returns ({name: (dtype, shape, begin, end)}, data_start)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size if file_size is None else file_size
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise StreamerError(f"{path}: truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise StreamerError(f"{path}: truncated or corrupt (header claims {n} bytes, file has {size})")
+            meta = json.loads(f.read(n))
+    except OSError as e:
+        raise StreamerError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise StreamerError(f"{path}: corrupt safetensors header") from None
+    data_start = 8 + n
+    tensors = {}
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise StreamerError(f"{path}: tensor {name!r} has a malformed or unsupported header entry") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            raise StreamerError(f"{path}: tensor {name!r} offsets do not match its shape {list(shape)}")
+        if data_start + end > size:
+            raise StreamerError(f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size}")
+        tensors[name] = (dtype, shape, begin, end)
+    return tensors, data_start
+
+
+def header_bytes(tensors: dict[str, tuple[torch.dtype, tuple]]) -> bytes:
+    """The safetensors header for tensors laid out back to back in the given order."""
+    meta, offset = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        numel = 1
+        for d in shape:
+            numel *= d
+        meta[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + numel * dtype.itemsize]}
+        offset += numel * dtype.itemsize
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 64)  # keeps tensor data aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def file_size_for(tensors: dict[str, tuple[torch.dtype, tuple]]) -> int:
+    data = sum(torch.Size(shape).numel() * dtype.itemsize for dtype, shape in tensors.values())
+    return len(header_bytes(tensors)) + data
+
+
+def write_safetensors(path: Path, tensors: dict[str, list[torch.Tensor]]) -> tuple[int, str]:
+    """Stream tensors into `path` atomically; each entry's parts are concatenated along dim 0 as written.
+
+    Nothing is concatenated in memory: parts go to disk in chunks of rows. Returns (size, sha256).
+    """
+    spec = {}
+    for name, parts in tensors.items():
+        rows = sum(p.shape[0] for p in parts)
+        spec[name] = (parts[0].dtype, (rows, *parts[0].shape[1:]))
+    digest = hashlib.sha256()
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in _chunks(header_bytes(spec), tensors.values()):
+                digest.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+            drop_cache(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return size, digest.hexdigest()
+
+
+def _chunks(header: bytes, groups: Iterable[list[torch.Tensor]]):
+    yield header
+    for parts in groups:
+        for part in parts:
+            flat = part.contiguous().reshape(-1).view(torch.uint8)
+            for i in range(0, flat.numel(), _CHUNK):
+                yield flat[i:i + _CHUNK].numpy()
+
+
+def drop_cache(fd: int) -> None:
+    """Ask the kernel to drop this file's clean pages from the page cache (dirty ones start writeback)."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+        drop_cache(f.fileno())
+    return digest.hexdigest()
+
+
+class MappedFile:
+    """One safetensors file mapped read-only; tensors are zero-copy views into the page cache.
+
+    `evict()` removes its pages from this process and from the page cache. A tensor still held
+    after eviction stays valid: its pages are simply read from disk again.
+    """
+
+    def __init__(self, path: Path, expected_size: int | None = None):
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise StreamerError(f"{self.path}: cannot open ({e.strerror})") from None
+        size = os.fstat(self.fd).st_size
+        if expected_size is not None and size != expected_size:
+            os.close(self.fd)
+            raise StreamerError(f"{self.path}: is {size} bytes, the manifest says {expected_size} (truncated or replaced; run `streamer verify`)")
+        try:
+            self.index, self.data_start = read_header(self.path, size)
+            self.map = mmap.mmap(self.fd, size, access=mmap.ACCESS_READ)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.nbytes = size
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            dtype, shape, begin, end = self.index[name]
+        except KeyError:
+            raise StreamerError(f"{self.path}: tensor {name!r} missing") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the mapping is read-only on purpose; nothing writes to weights
+            flat = torch.frombuffer(self.map, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                    offset=self.data_start + begin)
+        return flat.view(shape)
+
+    def prefetch(self) -> None:
+        """Start reading the whole file into the page cache in the background (kernel readahead)."""
+        try:
+            os.posix_fadvise(self.fd, 0, self.nbytes, os.POSIX_FADV_WILLNEED)
+        except (AttributeError, OSError):
+            pass
+
+    def evict(self) -> None:
+        if self.fd < 0:
+            return
+        self.map.madvise(mmap.MADV_DONTNEED)
+        drop_cache(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        self.map = None  # unmapped once the last tensor view is gone

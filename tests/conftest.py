@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random Meta checkpoints, split folders, and the reference models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamer import DiskKVCache, ModelFiles, Runner, SamplingParams, generate
+from streamer.split import split
+from streamer.synthetic import write_checkpoint
+from streamer.tokenizer import packaged_tokenizer_path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+# Three shapes the references are checked on: GQA; Llama 3.1 scaled RoPE; head_dim 64 with a tied head.
+GQA = {"dim": 64, "n_layers": 3, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
+       "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0}
+SCALED = {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 384, "multiple_of": 64,
+          "ffn_dim_multiplier": 1.5, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+HD64_TIED = {"dim": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 1, "vocab_size": 300, "multiple_of": 64,
+             "norm_eps": 1e-5, "rope_theta": 10000.0}
+SHAPES = {"gqa": (GQA, False), "scaled_rope": (SCALED, False), "hd64_tied": (HD64_TIED, True)}
+
+
+def make_split(root: Path, params: dict, tied: bool = False, dtype=torch.float32, seed: int = 0) -> Path:
+    meta = write_checkpoint(root / "meta", params, dtype, seed=seed, tied=tied, tokenizer=False)
+    split(meta, root / "layers", progress=False)
+    return root / "layers"
+
+
+@pytest.fixture(params=sorted(SHAPES))
+def shape_model(request, tmp_path):
+    params, tied = SHAPES[request.param]
+    return request.param, make_split(tmp_path, params, tied), tmp_path / "meta"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path() -> Path:
+    path = packaged_tokenizer_path()
+    if path is None:
+        pytest.skip("llama-models is not installed: it ships Llama 3's tokenizer.model")
+    return path
+
+
+def stream(folder: Path, prompt: list[int], n: int, dtype=torch.float32, kv_dir=None, **kw):
+    """Greedy generation through the streamed runner and a disk KV cache: (steps, runner)."""
+    files = ModelFiles(folder)
+    runner = Runner(files, dtype)
+    cache = DiskKVCache(files.args, 1, 256, dtype, files.manifest_sha256, kv_dir)
+    try:
+        steps = list(generate(runner, cache, prompt, SamplingParams(max_new_tokens=n, stop_ids=frozenset(), **kw)))
+    finally:
+        cache.close()
+    return steps, runner
+
+
+def load_meta_state(meta: Path) -> dict[str, torch.Tensor]:
+    return torch.load(meta / "consolidated.00.pth", weights_only=True)
+
+
+def params_of(meta: Path) -> dict:
+    return json.loads((meta / "params.json").read_text())
