@@ -9,13 +9,17 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from .errors import StreamerError
 
-    demo, generate_cli, split = (importlib.import_module(f"streamer.{m}") for m in ("demo", "generate_cli", "split"))
+    demo, generate_cli, split, verify = (importlib.import_module(f"streamer.{m}")
+                                         for m in ("demo", "generate_cli", "split", "verify"))
+    info = argparse.Namespace(setup_arg_parser=verify.setup_info_parser, main=verify.info_main)
 
     parser = argparse.ArgumentParser(prog="streamer", description="Run Llama 3 block by block from disk.")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "split": (split, "shard a Meta checkpoint into one file per block"),
         "generate": (generate_cli, "generate text from a split model"),
+        "verify": (verify, "check a split model's files against its manifest"),
+        "info": (info, "show a split model's shape, dtype and sizes"),
         "demo": (demo, "make a small random model, split it and generate from it"),
     }
     for name, (module, help_text) in commands.items():
@@ -26,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     except StreamerError as e:
         print(f"streamer {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk or permission problem nobody anticipated: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"streamer {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"streamer {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -43,6 +43,8 @@ def prompt_ids(args, files: ModelFiles) -> tuple[list[int], Tokenizer | None]:
         return parse_ids(args.prompt_ids), tok
     if args.prompt is None:
         raise StreamerError("give --prompt TEXT or --prompt-ids ID,ID,...")
+    if not args.prompt:
+        raise StreamerError("the prompt is empty")
     if tok is None:
         raise StreamerError(f"{files.folder}: no tokenizer.model, so --prompt text cannot be encoded; "
                             "pass --tokenizer PATH or use --prompt-ids")
@@ -58,7 +60,9 @@ def run(args) -> dict:
     params.check()
     files = ModelFiles(args.model)
     ids, tok = prompt_ids(args, files)
-    max_seq = args.max_seq_len or files.args.max_seq_len
+    max_seq = files.args.max_seq_len if args.max_seq_len is None else args.max_seq_len
+    if max_seq <= 0:
+        raise StreamerError(f"--max-seq-len must be positive, got {max_seq}")
     if len(ids) + args.max_new_tokens - 1 > max_seq:
         raise StreamerError(f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens exceeds --max-seq-len {max_seq}")
     dtype = pick_dtype(args.dtype)

@@ -38,7 +38,11 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True)
     for name, spec, tensors in plan:
         if name not in done:
             parts = {k: [_cast(p, out_dtype) for key in keys for p in ckpt.parts(key)] for k, keys in tensors.items()}
-            size, sha = write_safetensors(dst / name, parts)
+            try:
+                size, sha = write_safetensors(dst / name, parts)
+            except OSError as e:
+                raise StreamerError(f"{dst / name}: write failed ({e.strerror}); finished files are kept, "
+                                    "rerun to resume") from None
             done[name] = {"name": name, "bytes": size, "sha256": sha}
             write_json_atomic(dst / PARTIAL, {**identity, "files": list(done.values())})
             for path in ckpt.paths:  # the source pages we just read are not needed again
@@ -48,7 +52,10 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True)
     bar.close()
     extras = [ckpt.params_path] + ([ckpt.tokenizer_path] if ckpt.tokenizer_path else [])
     for path in extras:
-        _copy_atomic(path, dst / path.name)
+        try:
+            _copy_atomic(path, dst / path.name)
+        except OSError as e:
+            raise StreamerError(f"{dst / path.name}: write failed ({e.strerror})") from None
         done[path.name] = {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(dst / path.name)}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **identity,
                 "source_folder": str(src.resolve()), "layout": "fused: wqkv=[wq;wk;wv], w13=[w1;w3]", "files": list(done.values())}

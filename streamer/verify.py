@@ -1,0 +1,80 @@
+"""`streamer verify MODEL [--full]` and `streamer info MODEL`: check a split folder, describe it."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import StreamerError
+from .layout import ModelFiles, read_manifest
+from .weights import read_header, sha256_file
+
+
+def verify(folder: Path, full: bool = False, progress: bool = False) -> int:
+    """Raise on the first file that is missing, of the wrong size, has a bad header or (full) a bad sha256.
+    Returns the number of files checked."""
+    folder = Path(folder)
+    manifest, _ = read_manifest(folder)
+    for entry in manifest["files"]:
+        path = folder / entry["name"]
+        if not path.is_file():
+            raise StreamerError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise StreamerError(f"{path}: is {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
+        if path.suffix == ".safetensors":
+            read_header(path, size)
+        if full:
+            if progress:
+                print(f"sha256 {entry['name']}", file=sys.stderr)
+            if sha256_file(path) != entry["sha256"]:
+                raise StreamerError(f"{path}: sha256 does not match the manifest (corrupted)")
+    return len(manifest["files"])
+
+
+def info(folder: Path) -> dict:
+    files = ModelFiles(folder)
+    a, m = files.args, files.manifest
+    sizes = {f["name"]: f["bytes"] for f in m["files"]}
+    blocks = [sizes[n] for n in sizes if n.startswith("block_")]
+    return {"folder": str(files.folder), "format_version": m["format_version"], "dtype": files.dtype,
+            "args": a.to_dict(), "head_dim": a.head_dim, "ffn_dim": a.ffn_dim,
+            "rope_scaling": ({"factor": a.rope_scale_factor, "low_freq_factor": a.rope_low_freq_factor,
+                              "high_freq_factor": a.rope_high_freq_factor,
+                              "original_max_position_embeddings": a.rope_original_max_pos} if a.use_scaled_rope else None),
+            "bytes_per_block": max(blocks), "bytes_total": sum(sizes.values()),
+            "tokenizer": files.tokenizer_path is not None}
+
+
+def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("model", type=Path)
+    p.add_argument("--full", action="store_true", help="also check every file's sha256 (reads everything)")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    n = verify(args.model, args.full, progress=sys.stderr.isatty())
+    print(f"{args.model}: {n} files OK ({'sizes, headers and sha256' if args.full else 'sizes and headers'})")
+    return 0
+
+
+def setup_info_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("model", type=Path)
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def info_main(args: argparse.Namespace) -> int:
+    d = info(args.model)
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    a = d["args"]
+    print(f"{d['folder']}  (format v{d['format_version']}, {d['dtype']})")
+    print(f"  dim {a['dim']}, {a['n_layers']} blocks, {a['n_heads']} heads / {a['n_kv_heads']} kv heads, head_dim {d['head_dim']}, "
+          f"ffn {d['ffn_dim']}, vocab {a['vocab_size']}, context {a['max_seq_len']}, rope theta {a['rope_theta']:g}")
+    print(f"  rope scaling: {d['rope_scaling'] or 'none'}")
+    print(f"  {d['bytes_per_block'] / 2**20:.1f} MiB per block, {d['bytes_total'] / 2**30:.2f} GiB in all; "
+          f"tokenizer: {'yes' if d['tokenizer'] else 'no (use --prompt-ids)'}")
+    return 0

@@ -1,0 +1,82 @@
+"""The disk KV cache: equal to full recomputation, resumable from a kept folder, refusing foreign caches."""
+import os
+
+import pytest
+import torch
+
+from conftest import GQA, SCALED, make_split, stream
+from streamer import DiskKVCache, MemoryKVCache, ModelFiles, Runner, StreamerError
+
+PROMPT = [3, 141, 59, 26, 53, 58, 97, 93]
+
+
+def recompute(folder, prompt, n):
+    """Greedy decoding with no cache reuse: every step runs the whole sequence through every block."""
+    files = ModelFiles(folder)
+    runner, ids, out = Runner(files, torch.float32), list(prompt), []
+    for _ in range(n):
+        cache = MemoryKVCache(files.args, 1, len(ids), torch.float32)
+        logp = torch.log_softmax(runner.forward([(0, ids)], cache)[0], -1)
+        tok = int(logp.argmax())
+        out.append((tok, float(logp[tok])))
+        ids.append(tok)
+    return out
+
+
+@pytest.mark.parametrize("params", [GQA, SCALED], ids=["gqa", "scaled_rope"])
+def test_cache_equals_full_recompute(tmp_path, params):
+    folder = make_split(tmp_path, params)
+    steps, runner = stream(folder, PROMPT, 64)
+    ref = recompute(folder, PROMPT, 64)
+    assert [s.token for s in steps] == [t for t, _ in ref]
+    torch.testing.assert_close(torch.tensor([s.logprob for s in steps]), torch.tensor([lp for _, lp in ref]), rtol=1e-5, atol=0)
+    assert runner.io.forwards == 64  # one prefill, then one new token per step
+
+
+def test_resume_from_kept_cache(tmp_path):
+    folder = make_split(tmp_path, GQA)
+    whole, _ = stream(folder, PROMPT, 40)
+    kv = tmp_path / "kv"
+    first, _ = stream(folder, PROMPT, 20, kv_dir=kv)
+    assert (kv / "kv.json").is_file() and len(list(kv.glob("block_*.kv"))) == GQA["n_layers"]
+    prompt2 = PROMPT + [s.token for s in first]
+    second, runner = stream(folder, prompt2, 20, kv_dir=kv)
+    assert [s.token for s in first + second] == [s.token for s in whole]
+    torch.testing.assert_close(torch.tensor([s.logprob for s in first + second]),
+                               torch.tensor([s.logprob for s in whole]), rtol=1e-5, atol=0)
+
+
+def test_resume_skips_the_cached_prefix(tmp_path):
+    folder = make_split(tmp_path, GQA)
+    kv = tmp_path / "kv"
+    stream(folder, PROMPT, 1, kv_dir=kv)  # the cache now holds the prompt
+    files = ModelFiles(folder)
+    cache = DiskKVCache(files.args, 1, 256, torch.float32, files.manifest_sha256, kv)
+    assert cache.tokens == [PROMPT]
+
+
+def test_foreign_caches_are_refused(tmp_path):
+    folder = make_split(tmp_path / "a", GQA)
+    other = make_split(tmp_path / "b", GQA, seed=1)
+    kv = tmp_path / "kv"
+    stream(folder, PROMPT, 4, kv_dir=kv)
+    with pytest.raises(StreamerError, match="another model manifest sha256"):
+        stream(other, PROMPT, 4, kv_dir=kv)
+    with pytest.raises(StreamerError, match="holds another prompt"):
+        stream(folder, [7] + PROMPT, 4, kv_dir=kv)
+    with pytest.raises(StreamerError, match="another dtype"):
+        stream(folder, PROMPT, 4, kv_dir=kv, dtype=torch.bfloat16)
+
+
+def test_temporary_cache_is_removed_and_sized_to_the_run(tmp_path):
+    folder = make_split(tmp_path, GQA)
+    files = ModelFiles(folder)
+    cache = DiskKVCache(files.args, 1, 4096, torch.float32, files.manifest_sha256)
+    cache.reserve(0, 100)
+    per_layer = 2 * 100 * GQA["n_kv_heads"] * (GQA["dim"] // GQA["n_heads"]) * 4
+    allocated = os.stat(cache.dir / "block_000.kv").st_blocks * 512
+    assert per_layer <= allocated < per_layer + 64 * 1024  # sparse: only reserved positions take disk
+    with pytest.raises(StreamerError, match="exceeds --max-seq-len 4096"):
+        cache.reserve(0, 4097)
+    cache.close()
+    assert not cache.dir.exists()
