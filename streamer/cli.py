@@ -9,8 +9,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from .errors import StreamerError
 
-    demo, generate_cli, split, verify = (importlib.import_module(f"streamer.{m}")
-                                         for m in ("demo", "generate_cli", "split", "verify"))
+    batch, demo, generate_cli, split, verify = (importlib.import_module(f"streamer.{m}")
+                                                for m in ("batch", "demo", "generate_cli", "split", "verify"))
     info = argparse.Namespace(setup_arg_parser=verify.setup_info_parser, main=verify.info_main)
 
     parser = argparse.ArgumentParser(prog="streamer", description="Run Llama 3 block by block from disk.")
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "split": (split, "shard a Meta checkpoint into one file per block"),
         "generate": (generate_cli, "generate text from a split model"),
+        "batch": (batch, "run a JSONL file of prompts, many per pass over the weights"),
         "verify": (verify, "check a split model's files against its manifest"),
         "info": (info, "show a split model's shape, dtype and sizes"),
         "demo": (demo, "make a small random model, split it and generate from it"),

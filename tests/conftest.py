@@ -62,3 +62,11 @@ def load_meta_state(meta: Path) -> dict[str, torch.Tensor]:
 
 def params_of(meta: Path) -> dict:
     return json.loads((meta / "params.json").read_text())
+
+
+def assert_logprobs_close(got, want):
+    """Logprobs within 1e-5 relative. For confident tokens (logprob near 0) a relative bound on the
+    logprob is ill-conditioned, so 1e-6 absolute is also accepted: a logprob difference d is a relative
+    error of e^d - 1 ~ d in the probability itself, so that is 1e-6 relative on the probability."""
+    torch.testing.assert_close(torch.as_tensor(got, dtype=torch.float32), torch.as_tensor(want, dtype=torch.float32),
+                               rtol=1e-5, atol=1e-6)

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import GQA, SCALED, make_split, stream
+from conftest import assert_logprobs_close, GQA, SCALED, make_split, stream
 from streamer import DiskKVCache, MemoryKVCache, ModelFiles, Runner, StreamerError
 
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93]
@@ -29,7 +29,7 @@ def test_cache_equals_full_recompute(tmp_path, params):
     steps, runner = stream(folder, PROMPT, 64)
     ref = recompute(folder, PROMPT, 64)
     assert [s.token for s in steps] == [t for t, _ in ref]
-    torch.testing.assert_close(torch.tensor([s.logprob for s in steps]), torch.tensor([lp for _, lp in ref]), rtol=1e-5, atol=0)
+    assert_logprobs_close(torch.tensor([s.logprob for s in steps]), torch.tensor([lp for _, lp in ref]))
     assert runner.io.forwards == 64  # one prefill, then one new token per step
 
 
@@ -42,8 +42,8 @@ def test_resume_from_kept_cache(tmp_path):
     prompt2 = PROMPT + [s.token for s in first]
     second, runner = stream(folder, prompt2, 20, kv_dir=kv)
     assert [s.token for s in first + second] == [s.token for s in whole]
-    torch.testing.assert_close(torch.tensor([s.logprob for s in first + second]),
-                               torch.tensor([s.logprob for s in whole]), rtol=1e-5, atol=0)
+    assert_logprobs_close(torch.tensor([s.logprob for s in first + second]),
+                               torch.tensor([s.logprob for s in whole]))
 
 
 def test_resume_skips_the_cached_prefix(tmp_path):

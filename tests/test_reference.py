@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-from conftest import load_meta_state, params_of, stream
+from conftest import assert_logprobs_close, load_meta_state, params_of, stream
 from references import hf_model, meta_model
 from streamer import MemoryKVCache, ModelFiles, Runner
 
 PROMPT = [1, 17, 42, 99, 5, 250, 3, 8, 120, 64, 7]
-RTOL = 1e-5
 
 
 def streamed_last_logprobs(folder, prompt):
@@ -21,7 +20,7 @@ def test_prompt_logprobs_match_hf(shape_model):
     model = hf_model(params_of(meta), load_meta_state(meta), tied=name == "hd64_tied")
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([PROMPT])).logits[0, -1].float(), -1)
-    torch.testing.assert_close(streamed_last_logprobs(folder, PROMPT), ref, rtol=RTOL, atol=0)
+    assert_logprobs_close(streamed_last_logprobs(folder, PROMPT), ref)
 
 
 def test_greedy_generation_matches_hf_generate_with_cache(shape_model):
@@ -35,7 +34,7 @@ def test_greedy_generation_matches_hf_generate_with_cache(shape_model):
     ref_ids = out.sequences[0, len(PROMPT):].tolist()
     assert [s.token for s in steps] == ref_ids
     ref_lp = torch.stack([torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.scores, ref_ids)])
-    torch.testing.assert_close(torch.tensor([s.logprob for s in steps]), ref_lp, rtol=RTOL, atol=0)
+    assert_logprobs_close(torch.tensor([s.logprob for s in steps]), ref_lp)
 
 
 def test_logprobs_match_meta_reference(shape_model):
@@ -51,8 +50,7 @@ def test_logprobs_match_meta_reference(shape_model):
             start = tokens.shape[1]
             tokens = torch.cat([tokens, torch.tensor([[tok]])], 1)
         first = torch.log_softmax(ref(torch.tensor([PROMPT]), 0)[0, -1], -1)
-    torch.testing.assert_close(streamed_last_logprobs(folder, PROMPT), first, rtol=RTOL, atol=0)
+    assert_logprobs_close(streamed_last_logprobs(folder, PROMPT), first)
     steps, _ = stream(folder, PROMPT, 16)
     assert [s.token for s in steps] == [t for t, _ in ref_steps]
-    torch.testing.assert_close(torch.tensor([s.logprob for s in steps]), torch.tensor([lp for _, lp in ref_steps]),
-                               rtol=RTOL, atol=0)
+    assert_logprobs_close([s.logprob for s in steps], [lp for _, lp in ref_steps])
