@@ -78,6 +78,12 @@ class MetaCheckpoint:
         self.tokenizer_path = tok if tok.is_file() else None
         self.params_path = self.folder / "params.json"
 
+    def params_json(self) -> bytes:
+        return self.params_path.read_bytes()
+
+    def missing_tokenizer_hint(self) -> str:
+        return f"{self.folder} has no tokenizer.model: --prompt text will need --tokenizer (--prompt-ids works without it)"
+
     @property
     def dtype(self) -> torch.dtype:
         return self.shards[0]["tok_embeddings.weight"].dtype
@@ -137,3 +143,30 @@ class _LazyCat:
 def _shard_number(path: Path) -> int:
     m = re.fullmatch(r"consolidated\.(\d+)\.pth", path.name)
     return int(m.group(1)) if m else -1
+
+
+def open_source(folder: Path):
+    """A Meta checkpoint folder, or a Hugging Face one (config.json + model*.safetensors)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StreamerError(f"{folder}: no such folder")
+    if (folder / "params.json").exists() or any(folder.glob("consolidated.*.pth")):
+        return MetaCheckpoint(folder)
+    if (folder / "config.json").exists():
+        from .hf import HFCheckpoint
+        return HFCheckpoint(folder)
+    if (folder / "original" / "params.json").exists():
+        return MetaCheckpoint(folder / "original")
+    raise StreamerError(f"{folder}: neither a Meta checkpoint (params.json + consolidated.*.pth) nor a Hugging Face "
+                        "one (config.json + model*.safetensors); params.json not found")
+
+
+LLAMA_32_SHAPES = {(2048, 16), (3072, 28)}  # (dim, n_layers) of Llama 3.2 1B and 3B
+
+
+def infer_rope_factor(args: ModelArgs) -> tuple[float, str]:
+    """Meta's params.json only says use_scaled_rope. Its code hard-codes factor 8, right for 3.1; HF's 3.2 1B/3B
+    configs say 32, which a Meta maintainer confirmed (llama-models issues #166, #241)."""
+    if (args.dim, args.n_layers) in LLAMA_32_SHAPES:
+        return 32.0, "inferred from a Llama 3.2 1B/3B shape"
+    return 8.0, "inferred: Llama 3.1 (Meta's reference value)"

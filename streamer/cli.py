@@ -9,14 +9,15 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from .errors import StreamerError
 
-    batch, demo, generate_cli, split, verify = (importlib.import_module(f"streamer.{m}")
-                                                for m in ("batch", "demo", "generate_cli", "split", "verify"))
+    batch, demo, download, generate_cli, split, verify = (
+        importlib.import_module(f"streamer.{m}") for m in ("batch", "demo", "download", "generate_cli", "split", "verify"))
     info = argparse.Namespace(setup_arg_parser=verify.setup_info_parser, main=verify.info_main)
 
     parser = argparse.ArgumentParser(prog="streamer", description="Run Llama 3 block by block from disk.")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "split": (split, "shard a Meta checkpoint into one file per block"),
+        "download": (download, "fetch a checkpoint from the Hugging Face Hub and split it"),
         "generate": (generate_cli, "generate text from a split model"),
         "batch": (batch, "run a JSONL file of prompts, many per pass over the weights"),
         "verify": (verify, "check a split model's files against its manifest"),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import MetaCheckpoint
+from .checkpoint import infer_rope_factor, open_source
 from .errors import StreamerError
 from .layout import FORMAT, FORMAT_VERSION, MANIFEST, file_plan, write_json_atomic
 from .weights import drop_cache, file_size_for, sha256_file, write_safetensors
@@ -19,10 +21,13 @@ PARTIAL = ".manifest.partial.json"  # what an interrupted split had finished; a 
 DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True) -> Path:
-    """Split a Meta checkpoint folder into DST; returns the manifest path. Resumes an interrupted split."""
+def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True,
+          rope_scaling_factor: float | None = None) -> Path:
+    """Split a Meta (or Hugging Face) checkpoint folder into DST; returns the manifest path.
+    Resumes an interrupted split."""
     src, dst = Path(src), Path(dst)
-    ckpt = MetaCheckpoint(src)
+    ckpt = open_source(src)
+    _choose_rope_factor(ckpt, rope_scaling_factor)
     out_dtype = DTYPE_CHOICES[dtype] if dtype else ckpt.dtype
     if dst.exists() and not dst.is_dir():
         raise StreamerError(f"{dst}: destination exists and is not a folder")
@@ -50,13 +55,17 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True)
                     drop_cache(f.fileno())
         bar.update(done[name]["bytes"])
     bar.close()
-    extras = [ckpt.params_path] + ([ckpt.tokenizer_path] if ckpt.tokenizer_path else [])
-    for path in extras:
+    extras = {"params.json": ckpt.params_json()}
+    if ckpt.tokenizer_path:
+        extras["tokenizer.model"] = ckpt.tokenizer_path.read_bytes()
+    else:
+        print(ckpt.missing_tokenizer_hint(), file=sys.stderr)
+    for name, data in extras.items():
         try:
-            _copy_atomic(path, dst / path.name)
+            _write_atomic(dst / name, data)
         except OSError as e:
-            raise StreamerError(f"{dst / path.name}: write failed ({e.strerror})") from None
-        done[path.name] = {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(dst / path.name)}
+            raise StreamerError(f"{dst / name}: write failed ({e.strerror})") from None
+        done[name] = {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **identity,
                 "source_folder": str(src.resolve()), "layout": "fused: wqkv=[wq;wk;wv], w13=[w1;w3]", "files": list(done.values())}
     write_json_atomic(dst / MANIFEST, manifest)
@@ -64,7 +73,7 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True)
     return dst / MANIFEST
 
 
-def _shape(ckpt: MetaCheckpoint, keys: list[str]) -> tuple[int, ...]:
+def _shape(ckpt, keys: list[str]) -> tuple[int, ...]:
     first = ckpt.shapes[keys[0]]
     return (sum(ckpt.shapes[k][0] for k in keys), *first[1:])
 
@@ -97,12 +106,29 @@ def _check_space(dst: Path, needed: int) -> None:
         raise StreamerError(f"{dst}: not enough disk space: the split needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    os.replace(tmp, path)
+
+
+def _choose_rope_factor(ckpt, given: float | None) -> None:
+    """Record Llama 3.1/3.2 RoPE scaling explicitly: the factor given, the HF config's, or inferred from the shape."""
+    if not ckpt.args.use_scaled_rope:
+        return
+    if given is not None:
+        factor, why = given, "given with --rope-scaling-factor"
+    elif getattr(ckpt, "config", None) is not None:
+        factor, why = ckpt.args.rope_scale_factor, "from config.json"
+    else:
+        factor, why = infer_rope_factor(ckpt.args)
+    if not factor > 0:
+        raise StreamerError(f"--rope-scaling-factor must be positive, got {factor}")
+    ckpt.args = dataclasses.replace(ckpt.args, rope_scale_factor=float(factor))
+    print(f"rope scaling: factor {factor:g} ({why})", file=sys.stderr)
 
 
 def _progress(total: int, enabled: bool):
@@ -114,11 +140,13 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, help="Meta checkpoint folder (consolidated.*.pth, params.json, tokenizer.model)")
     p.add_argument("dst", type=Path, help="output folder for the layer files and manifest")
     p.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), help="store weights in this dtype (default: the source's)")
+    p.add_argument("--rope-scaling-factor", type=float,
+                   help="Llama 3.1+ RoPE scaling factor (default: 8 for 3.1, 32 for 3.2 1B/3B shapes, or config.json's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    manifest = split(args.src, args.dst, args.dtype, progress=not args.quiet)
+    manifest = split(args.src, args.dst, args.dtype, progress=not args.quiet, rope_scaling_factor=args.rope_scaling_factor)
     print(f"wrote {manifest.parent} ({json.loads(manifest.read_text())['args']['n_layers']} blocks)", file=sys.stderr)
     return 0

@@ -1,0 +1,137 @@
+"""Hugging Face Llama checkpoints (config.json + model*.safetensors) read as Meta's names and layout.
+
+The one map from HF to Meta names and the one q/k un-permutation live here: HF stores wq and wk
+permuted for its rotate-half RoPE; the rest of streamer only ever sees Meta's interleaved layout.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .args import ModelArgs
+from .checkpoint import expected_shapes
+from .errors import StreamerError
+
+_BLOCK = {  # Meta name inside layers.i -> HF name inside model.layers.i
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+
+
+def hf_name(meta: str) -> str:
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", meta)
+    return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}" if m else _TOP[meta]
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's rotate-half row order back to Meta's interleaved pairs (inverse of convert_llama_weights_to_hf)."""
+    d1, d2 = w.shape
+    return w.view(n_heads, 2, d1 // n_heads // 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def args_from_config(cfg: dict, source: str) -> ModelArgs:
+    try:
+        dim, inter = cfg["hidden_size"], cfg["intermediate_size"]
+        params = {"dim": dim, "n_layers": cfg["num_hidden_layers"], "n_heads": cfg["num_attention_heads"],
+                  "n_kv_heads": cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                  "vocab_size": cfg["vocab_size"], "norm_eps": cfg.get("rms_norm_eps", 1e-5),
+                  "max_seq_len": cfg.get("max_position_embeddings", 8192)}
+    except KeyError as e:
+        raise StreamerError(f"{source}: missing {e.args[0]!r}") from None
+    if cfg.get("head_dim") not in (None, dim // params["n_heads"]):
+        raise StreamerError(f"{source}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the scaling here
+    params["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise StreamerError(f"{source}: rope scaling type {kind!r} is not supported (only 'llama3')")
+        params.update(use_scaled_rope=True, rope_scale_factor=float(scaling["factor"]),
+                      rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                      rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                      rope_original_max_pos=int(scaling["original_max_position_embeddings"]))
+    # Meta sizes the FFN from multiple_of; rounding 8*dim/3 up to intermediate_size itself reproduces it exactly.
+    base = int(2 * 4 * dim / 3)
+    params["multiple_of"] = inter
+    if inter < base:
+        params["ffn_dim_multiplier"] = inter / base
+    args = ModelArgs.from_params(params, source=source)
+    if args.ffn_dim != inter:
+        raise StreamerError(f"{source}: intermediate_size {inter} cannot be expressed as Meta's FFN sizing")
+    return args
+
+
+class HFCheckpoint:
+    """A folder with config.json and model*.safetensors, presented with Meta's keys and layout."""
+
+    def __init__(self, folder: Path, **arg_overrides):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        cfg_path = self.folder / "config.json"
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StreamerError(f"{cfg_path}: cannot read ({e})") from None
+        self.args = args_from_config(self.config, str(cfg_path))
+        if arg_overrides:
+            self.args = ModelArgs.from_params({**self.args.to_dict(), **arg_overrides}, source=str(cfg_path))
+        self.paths = sorted(self.folder.glob("model*.safetensors"))
+        if not self.paths:
+            raise StreamerError(f"{self.folder}: no model*.safetensors files")
+        self.tied = bool(self.config.get("tie_word_embeddings", False))
+        self._where = {}
+        self._files = []
+        for path in self.paths:
+            try:
+                f = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise StreamerError(f"{path}: not a readable safetensors file ({e})") from None
+            self._files.append(f)
+            for key in f.keys():
+                self._where[key] = f
+        self.shapes = expected_shapes(self.args)
+        for key, shape in self.shapes.items():
+            name = hf_name(key)
+            if key == "output.weight" and name not in self._where:
+                if not self.tied:
+                    raise StreamerError(f"{self.folder}: missing {name!r} and tie_word_embeddings is not set")
+                name = hf_name("tok_embeddings.weight")
+            if name not in self._where:
+                raise StreamerError(f"{self.folder}: missing tensor {name!r}")
+            got = tuple(self._where[name].get_slice(name).get_shape())
+            if got != shape:
+                raise StreamerError(f"{self.folder}: tensor {name!r} has shape {list(got)}, config.json implies {list(shape)}")
+        tok = self.folder / "original" / "tokenizer.model"
+        self.tokenizer_path = tok if tok.is_file() else None
+        self.dtype = self._get("tok_embeddings.weight").dtype
+
+    def _get(self, key: str) -> torch.Tensor:
+        name = hf_name(key)
+        if key == "output.weight" and name not in self._where:
+            name = hf_name("tok_embeddings.weight")  # tied head: Llama 3.2 stores no lm_head
+        return self._where[name].get_tensor(name)
+
+    def parts(self, key: str) -> list[torch.Tensor]:
+        w = self._get(key)
+        if key.endswith("attention.wq.weight"):
+            w = unpermute_qk(w, self.args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            w = unpermute_qk(w, self.args.n_kv_heads)
+        return [w]
+
+    def params_json(self) -> bytes:
+        return json.dumps(self.args.to_dict(), indent=2).encode()
+
+    def missing_tokenizer_hint(self) -> str:
+        return ("no original/tokenizer.model: fetch it with `huggingface-cli download REPO original/tokenizer.model "
+                f"--local-dir {self.folder}` to use --prompt text (--prompt-ids works without it)")

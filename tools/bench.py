@@ -1,0 +1,223 @@
+"""Speed against the physical floor, every case under memcap with the page cache dropped first.
+
+    python tools/bench.py MODEL [--cap 2G] [--cases floor,matmul,decode,prefill,batch,longctx] [--out bench.md]
+
+Each case runs in its own process inside ../shared/tools/memcap and prints one JSON line; this script
+gathers them into one table: case, measured time, floor, time / floor. Floors are measured in the same
+run: the cold read of the same bytes (1 and 4 parallel readers, best of both) and the bf16 matmul rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMCAP = ROOT.parent / "shared" / "tools" / "memcap"
+
+
+# --- workers: run inside memcap, print one JSON line --------------------------------------------------
+
+def step_files(model: Path) -> list[Path]:
+    from streamer.layout import ModelFiles, block_name
+    files = ModelFiles(model)
+    return [model / block_name(i) for i in range(files.args.n_layers)] + [model / "head.safetensors"]
+
+
+def cold_read(paths: list[Path], readers: int, chunk: int = 16 << 20) -> dict:
+    """Read every byte of `paths` with `readers` threads (pread into private buffers), dropping the pages after."""
+    jobs = [(p, off) for p in paths for off in range(0, p.stat().st_size, chunk)]
+    lock, total = threading.Lock(), sum(p.stat().st_size for p in paths)
+
+    def work():
+        buf = bytearray(chunk)
+        fds = {}
+        while True:
+            with lock:
+                if not jobs:
+                    break
+                path, off = jobs.pop(0)
+            fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
+            n = os.preadv(fd, [buf], off)
+            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        for fd in fds.values():
+            os.close(fd)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=work) for _ in range(readers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    secs = time.perf_counter() - t0
+    return {"bytes": total, "seconds": secs, "gbps": total / secs / 1e9}
+
+
+def matmul_rate(dim: int, ffn: int, rows: int, reps: int = 5) -> float:
+    """bf16 FLOP/s of x[rows, dim] @ W[ffn, dim].T, the shape of a decode or prefill matmul."""
+    w = torch.randn(ffn, dim).to(torch.bfloat16)
+    x = torch.randn(rows, dim).to(torch.bfloat16)
+    torch.nn.functional.linear(x, w)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * dim * ffn / best
+
+
+def block_flops(args, tokens: int) -> float:
+    """Matmul FLOPs of all blocks for `tokens` new tokens (weights only; attention scores are extra)."""
+    per_token = args.n_layers * 2 * args.dim * (args.head_dim * (args.n_heads * 2 + args.n_kv_heads * 2) + 3 * args.ffn_dim)
+    return per_token * tokens
+
+
+def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.bfloat16) -> dict:
+    """Prefill `batch` random prompts of `prompt_len` tokens together, then `steps` decode steps."""
+    import random
+    from streamer import DiskKVCache, ModelFiles, Runner
+    from streamer.memory import MemoryMonitor
+    files = ModelFiles(model)
+    monitor = MemoryMonitor()
+    runner = Runner(files, dtype, monitor)
+    cache = DiskKVCache(files.args, batch, prompt_len + steps + 1, dtype, files.manifest_sha256)
+    r = random.Random(0)
+    chunks = [(s, [128000] + [r.randrange(1000, 100000) for _ in range(prompt_len - 1)]) for s in range(batch)]
+    for s, ids in chunks:
+        cache.reserve(s, prompt_len + steps + 1)
+    t0 = time.perf_counter()
+    logits = runner.forward(chunks, cache, phase="prefill")
+    prefill = time.perf_counter() - t0
+    times, read0 = [], runner.io.bytes_read
+    for _ in range(steps):
+        nxt = [(s, [int(logits[i].argmax())]) for i, (s, _) in enumerate(chunks)]
+        t0 = time.perf_counter()
+        logits = runner.forward(nxt, cache, phase="decode")
+        times.append(time.perf_counter() - t0)
+    kv_disk = sum(p.stat().st_blocks * 512 for p in cache.dir.glob("*.kv"))
+    cache.close()
+    mem = monitor.stop()
+    times.sort()
+    return {"batch": batch, "prompt_len": prompt_len, "prefill_s": prefill, "step_s": times[len(times) // 2],
+            "steps": times, "bytes_per_step": (runner.io.bytes_read - read0) / max(steps, 1),
+            "kv_bytes_on_disk": kv_disk, "peak_private": mem.peak["private"], "peak_rss": mem.peak["rss"],
+            "prefill_flops": block_flops(files.args, batch * prompt_len)}
+
+
+def worker(case: str, model: Path, a) -> dict:
+    torch.set_num_threads(os.cpu_count())
+    from streamer.layout import ModelFiles
+    args = ModelFiles(model).args
+    if case.startswith("floor"):
+        return cold_read(step_files(model), int(case.removeprefix("floor")))
+    if case == "matmul":
+        return {"decode_flops": matmul_rate(args.dim, args.ffn_dim, 1), "prefill_flops": matmul_rate(args.dim, args.ffn_dim, 512)}
+    if case.startswith("batch"):
+        return run_steps(model, int(case.removeprefix("batch")), 16, a.steps)
+    if case == "prefill":
+        return run_steps(model, 1, 512, 1)
+    if case == "longctx":
+        return run_steps(model, 8, 1536, 2)
+    raise SystemExit(f"unknown case {case}")
+
+
+# --- the orchestrator ------------------------------------------------------------------------------------
+
+def drop_caches() -> None:
+    subprocess.run(["sync"])
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        print("bench: cannot drop the page cache (needs root): reads may be warm", file=sys.stderr)
+
+
+def measure(case: str, model: Path, cap: str, a) -> dict:
+    drop_caches()
+    cmd = [sys.executable, __file__, str(model), "--worker", case, "--steps", str(a.steps)]
+    if cap != "none":
+        cmd = [str(MEMCAP), cap, "--"] + cmd
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    memcap = next((l for l in r.stderr.splitlines() if l.startswith("memcap:")), "")
+    if r.returncode or not lines:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1], "memcap": memcap}
+    out = json.loads(lines[-1])
+    out["memcap"] = memcap
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path)
+    p.add_argument("--cap", default="2G", help="memcap for every case (none: no cap)")
+    p.add_argument("--cases", default="floor,matmul,batch1,prefill")
+    p.add_argument("--batches", default="1,8,32,64", help="batch sizes for the `batch` case")
+    p.add_argument("--steps", type=int, default=3, help="decode steps per batch case (median reported)")
+    p.add_argument("--longctx-cap", default="1G")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.model, a)))
+        return
+    cases = a.cases.split(",")
+    if "batch" in cases:
+        cases[cases.index("batch"):cases.index("batch") + 1] = [f"batch{b}" for b in a.batches.split(",")]
+    res = {}
+    if any(c.startswith("batch") or c in ("prefill", "longctx") for c in cases):
+        cases = ["floor1", "floor4"] + [c for c in cases if c not in ("floor", "floor1", "floor4")]
+    else:
+        cases = [x for c in cases for x in (["floor1", "floor4"] if c == "floor" else [c])]
+    for c in cases:
+        res[c] = measure(c, a.model, a.longctx_cap if c == "longctx" else a.cap, a)
+        print(f"{c}: {json.dumps(res[c])}", file=sys.stderr)
+    table = report(res, a)
+    print(table)
+    if a.out:
+        a.out.write_text(table + "\n\n<details><summary>raw</summary>\n\n```\n" + json.dumps(res, indent=1) + "\n```\n</details>\n")
+
+
+def report(res: dict, a) -> str:
+    rows = ["| case | measured | floor | measured / floor |", "|---|---|---|---|"]
+    floors = [res[k] for k in ("floor1", "floor4") if k in res and "gbps" in res[k]]
+    for k in ("floor1", "floor4"):
+        if k in res and "gbps" in res[k]:
+            r = res[k]
+            rows.append(f"| cold read of one step's weights, {k[5:]} reader(s) | {r['seconds']:.2f} s ({r['gbps']:.2f} GB/s, "
+                        f"{r['bytes'] / 1e9:.2f} GB) | | |")
+    best_gbps = max((f["gbps"] for f in floors), default=None)
+    mm = res.get("matmul", {})
+    if "decode_flops" in mm:
+        rows.append(f"| bf16 matmul rate | {mm['decode_flops'] / 1e12:.2f} TFLOP/s at 1 row, "
+                    f"{mm['prefill_flops'] / 1e12:.2f} at 512 rows | | |")
+    base = None
+    for k, r in res.items():
+        if k.startswith("batch") and "step_s" in r:
+            floor = r["bytes_per_step"] / 1e9 / best_gbps if best_gbps else None
+            base = base or r["step_s"]
+            rows.append(f"| decode step, batch {r['batch']} ({r['bytes_per_step'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "
+                        f"{r['batch'] / r['step_s']:.2f} tokens/s, {r['step_s'] / base:.2f}x batch-1 step; peak private "
+                        f"{r['peak_private'] / 2**20:.0f} MiB | {floor:.2f} s (disk) | {r['step_s'] / floor:.2f} |")
+        if k in ("prefill", "longctx") and "prefill_s" in r:
+            rate = mm.get("prefill_flops")
+            floor = r["prefill_flops"] / rate if rate else None
+            label = f"prefill {r['batch']} x {r['prompt_len']} tokens ({r['prefill_flops'] / 1e12:.1f} TFLOP)"
+            extra = (f"; decode step {r['step_s']:.2f} s, KV on disk {r['kv_bytes_on_disk'] / 1e9:.2f} GB, "
+                     f"peak private {r['peak_private'] / 2**20:.0f} MiB") if k == "longctx" else ""
+            rows.append(f"| {label} | {r['prefill_s']:.2f} s, {r['prefill_flops'] / r['prefill_s'] / 1e12:.2f} TFLOP/s{extra} | "
+                        f"{floor:.2f} s (matmul) | {r['prefill_s'] / floor:.2f} |" if floor else f"| {label} | {r['prefill_s']:.2f} s | | |")
+        if "error" in r:
+            rows.append(f"| {k} | failed: {r['error']} ({r['memcap']}) | | |")
+    caps = f"memcap {a.cap}" + (f", longctx under memcap {a.longctx_cap}" if "longctx" in res else "")
+    return f"{caps}; torch {torch.__version__}, {os.cpu_count()} cores\n\n" + "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
