@@ -258,6 +258,7 @@ def main(args: argparse.Namespace) -> int:
         totals = run_batch(runner, cache, todo, log, tok, bar) if todo else {"prompts": 0, "completion_tokens": 0, "steps": 0, "prompt_tokens": 0}
     finally:
         bar.close()
+        runner.close()
         cache.close()
         log.close()
         report = monitor.stop()

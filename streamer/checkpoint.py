@@ -113,31 +113,11 @@ class MetaCheckpoint:
         size[dim] = sum(p[dim] for p in parts)
         return torch.Size(size)
 
-    def parts(self, key: str, rows_per_part: int = 4096) -> list[torch.Tensor]:
-        """The merged tensor as pieces along dim 0, without building it: views of the mapped shards,
-        except dim-1 merges, which are built a few rows at a time when written."""
+    def tensor(self, key: str) -> torch.Tensor:
+        """The merged tensor: a view of the mapped file for one shard; one matrix concatenated otherwise."""
         if len(self.shards) == 1 or self.shards[0][key].dim() == 1:
-            return [self.shards[0][key]]
-        pieces = [s[key] for s in self.shards]
-        if not key.endswith(_DIM1):
-            return pieces
-        rows = pieces[0].shape[0]
-        return [_LazyCat(pieces, r, min(r + rows_per_part, rows)) for r in range(0, rows, rows_per_part)]
-
-
-class _LazyCat:
-    """Rows [start, stop) of shards concatenated along dim 1, materialised only when written."""
-
-    def __init__(self, pieces, start, stop):
-        self.pieces, self.start, self.stop = pieces, start, stop
-        self.dtype = pieces[0].dtype
-        self.shape = torch.Size((stop - start, sum(p.shape[1] for p in pieces)))
-
-    def contiguous(self):
-        return torch.cat([p[self.start:self.stop] for p in self.pieces], dim=1)
-
-    def to(self, dtype):
-        return self.contiguous().to(dtype)
+            return self.shards[0][key]
+        return torch.cat([s[key] for s in self.shards], dim=1 if key.endswith(_DIM1) else 0)
 
 
 def _shard_number(path: Path) -> int:

@@ -78,6 +78,7 @@ def run(args) -> dict:
                 piece = decoder.decode(tok.decode_bytes([step.token])) if tok else f"{step.token} "
                 print(piece, end="", flush=True)
     finally:
+        runner.close()
         cache.close()
         report = monitor.stop()
     if not args.json:

@@ -121,13 +121,13 @@ class HFCheckpoint:
             name = hf_name("tok_embeddings.weight")  # tied head: Llama 3.2 stores no lm_head
         return self._where[name].get_tensor(name)
 
-    def parts(self, key: str) -> list[torch.Tensor]:
+    def tensor(self, key: str) -> torch.Tensor:
         w = self._get(key)
         if key.endswith("attention.wq.weight"):
-            w = unpermute_qk(w, self.args.n_heads)
-        elif key.endswith("attention.wk.weight"):
-            w = unpermute_qk(w, self.args.n_kv_heads)
-        return [w]
+            return unpermute_qk(w, self.args.n_heads)
+        if key.endswith("attention.wk.weight"):
+            return unpermute_qk(w, self.args.n_kv_heads)
+        return w
 
     def params_json(self) -> bytes:
         return json.dumps(self.args.to_dict(), indent=2).encode()

@@ -1,8 +1,14 @@
-"""The split model folder: file names, what each file holds, and the versioned manifest.
+"""The split model folder: file names, what each file holds and in which order, and the versioned manifest.
 
 A folder holds embedding.safetensors, block_000.safetensors .. block_NNN.safetensors, head.safetensors,
-params.json, optionally tokenizer.model, and manifest.json, written last. Blocks store fused matrices:
-wqkv = [wq; wk; wv] and w13 = [w1; w3] (concatenated along the output dim), so a block is 4 matmuls.
+params.json, optionally tokenizer.model, and manifest.json, written last. Tensors in a file are in the
+order the block math consumes them, so a block streams front to back:
+
+    attention_norm, wqkv = [wq; wk; wv], wo, ffn_norm,
+    ffn.0.w1, ffn.0.w3, ffn.0.w2, ffn.1.w1, ...   (w1/w3 rows and w2 columns of hidden slice j)
+
+and the head is norm, output.0, output.1, ... (row pieces). The FFN pieces let a block run in a
+bounded buffer and keep long prompts from ever building a [tokens, ffn_dim] activation.
 """
 from __future__ import annotations
 
@@ -10,34 +16,72 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from .args import ModelArgs
 from .errors import StreamerError
-from .weights import MappedFile, read_header
+from .weights import read_header
 
 FORMAT = "streamer-split"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+FFN_PIECE_ROWS = 1024  # hidden rows per FFN piece (3 x 8 MiB for 8B in bf16)
+HEAD_PIECE_BYTES = 64 << 20
+LAYOUT = "wqkv=[wq;wk;wv]; ffn.j.{w1,w3,w2}: rows / columns j*c..(j+1)*c of the hidden dim; output.k: row pieces"
+
+Get = Callable[[str], torch.Tensor]  # Meta key -> full (merged) tensor
+Entry = tuple[str, tuple[int, ...], Callable[[Get], torch.Tensor]]  # stored name, shape, producer
 
 
 def block_name(i: int) -> str:
     return f"block_{i:03d}.safetensors"
 
 
-def file_plan(args: ModelArgs) -> list[tuple[str, dict[str, list[str]]]]:
-    """(file name, {stored tensor: [Meta keys concatenated along dim 0]}) for every weight file, in order."""
-    plan = [("embedding.safetensors", {"tok_embeddings": ["tok_embeddings.weight"]})]
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        plan.append((block_name(i), {
-            "attention_norm": [p + "attention_norm.weight"],
-            "wqkv": [p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"],
-            "wo": [p + "attention.wo.weight"],
-            "ffn_norm": [p + "ffn_norm.weight"],
-            "w13": [p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"],
-            "w2": [p + "feed_forward.w2.weight"],
-        }))
-    plan.append(("head.safetensors", {"norm": ["norm.weight"], "output": ["output.weight"]}))
+def largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def ffn_piece_rows(args: ModelArgs) -> int:
+    return largest_divisor(args.ffn_dim, FFN_PIECE_ROWS)
+
+
+def head_piece_rows(args: ModelArgs) -> int:
+    return max(1, HEAD_PIECE_BYTES // (2 * args.dim))
+
+
+def _block(args: ModelArgs, i: int) -> list[Entry]:
+    p, D, hd = f"layers.{i}.", args.dim, args.head_dim
+    qkv = ("wq", "wk", "wv")
+    entries = [
+        ("attention_norm", (D,), lambda get: get(p + "attention_norm.weight")),
+        ("wqkv", ((args.n_heads + 2 * args.n_kv_heads) * hd, D),
+         lambda get: torch.cat([get(f"{p}attention.{w}.weight") for w in qkv])),
+        ("wo", (D, args.n_heads * hd), lambda get: get(p + "attention.wo.weight")),
+        ("ffn_norm", (D,), lambda get: get(p + "ffn_norm.weight")),
+    ]
+    c = ffn_piece_rows(args)
+    for j in range(args.ffn_dim // c):
+        rows = slice(j * c, (j + 1) * c)
+        entries += [
+            (f"ffn.{j}.w1", (c, D), lambda get, r=rows: get(p + "feed_forward.w1.weight")[r]),
+            (f"ffn.{j}.w3", (c, D), lambda get, r=rows: get(p + "feed_forward.w3.weight")[r]),
+            (f"ffn.{j}.w2", (D, c), lambda get, r=rows: get(p + "feed_forward.w2.weight")[:, r]),
+        ]
+    return entries
+
+
+def file_plan(args: ModelArgs) -> list[tuple[str, list[Entry]]]:
+    """Every weight file, in streaming order, with the tensors it holds in consumption order."""
+    plan = [("embedding.safetensors", [("tok_embeddings", (args.vocab_size, args.dim),
+                                        lambda get: get("tok_embeddings.weight"))])]
+    plan += [(block_name(i), _block(args, i)) for i in range(args.n_layers)]
+    r, V = head_piece_rows(args), args.vocab_size
+    head = [("norm", (args.dim,), lambda get: get("norm.weight"))]
+    head += [(f"output.{k}", (min(r, V - a), args.dim), lambda get, a=a: get("output.weight")[a:a + r])
+             for k, a in enumerate(range(0, V, r))]
+    plan.append(("head.safetensors", head))
     return plan
 
 
@@ -72,7 +116,8 @@ def read_manifest(folder: Path) -> tuple[dict, bytes]:
 
 
 class ModelFiles:
-    """A split model folder opened for reading. Nothing is ever written into it."""
+    """A split model folder opened for reading: manifest, args, and every weight file's checked header.
+    Nothing is ever written into it."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -81,12 +126,11 @@ class ModelFiles:
         self.args = ModelArgs.from_params(self.manifest["args"], source=str(self.folder / MANIFEST))
         self.files = {f["name"]: f for f in self.manifest["files"]}
         self.dtype = self.manifest["dtype"]
-        for name, _ in file_plan(self.args):
-            self._check(name)
+        self.headers = {name: self._check(name, [e[0] for e in entries]) for name, entries in file_plan(self.args)}
         tok = self.folder / "tokenizer.model"
         self.tokenizer_path = tok if tok.is_file() else None
 
-    def _check(self, name: str) -> None:
+    def _check(self, name: str, tensors: list[str]):
         """Size and header checks, so a truncated file is refused by name before any compute."""
         path = self.folder / name
         entry = self.files.get(name)
@@ -98,10 +142,11 @@ class ModelFiles:
             raise StreamerError(f"{path}: missing (run `streamer verify {self.folder}`)") from None
         if size != entry["bytes"]:
             raise StreamerError(f"{path}: is {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
-        read_header(path, size)
+        header = read_header(path, size)
+        if sorted(header[0], key=lambda n: header[0][n][2]) != tensors:
+            raise StreamerError(f"{path}: holds other tensors than this streamer's layout (split again with `streamer split`)")
+        return header
 
-    def open(self, name: str) -> MappedFile:
-        return MappedFile(self.folder / name, self.files[name]["bytes"])
-
-    def block(self, i: int) -> MappedFile:
-        return self.open(block_name(i))
+    def step_files(self) -> list[str]:
+        """The files one forward pass reads, in order."""
+        return [block_name(i) for i in range(self.args.n_layers)] + ["head.safetensors"]

@@ -14,8 +14,6 @@ import torch.nn.functional as F
 
 from .args import ModelArgs
 
-ROWS_PER_CHUNK = 512  # long prompts run the big matmuls in row chunks, bounding activation memory
-
 
 class Seq(NamedTuple):
     slot: int  # row of the KV cache this sequence owns
@@ -86,20 +84,21 @@ def attention(x, w, rot, kv, seqs: list[Seq], args: ModelArgs) -> torch.Tensor:
     return linear(out, w["wo"])
 
 
-def feed_forward(x: torch.Tensor, w) -> torch.Tensor:
-    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 stored fused as w13."""
-    gate, up = linear(x, w["w13"]).chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, w["w2"])
+def feed_forward(x: torch.Tensor, pieces) -> torch.Tensor:
+    """SwiGLU w2(silu(w1 x) * w3 x), one slice j of the hidden dim at a time: pieces yields
+    (w1[j] [c, dim], w3[j] [c, dim], w2[:, j] [dim, c]). Partial sums accumulate in float32."""
+    y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+    for w1, w3, w2 in pieces:
+        h = F.silu(linear(x, w1)) * linear(x, w3)  # [N, c]
+        y += linear(h, w2)
+    return y.to(x.dtype)
 
 
 def block(x: torch.Tensor, w, rot: torch.Tensor, kv: torch.Tensor, seqs: list[Seq], args: ModelArgs) -> torch.Tensor:
-    """One Transformer block on packed rows x [N, dim]: pre-norm attention, then pre-norm SwiGLU."""
+    """One Transformer block on packed rows x [N, dim]: pre-norm attention, then pre-norm SwiGLU.
+    w gives tensors by name in file order; w["ffn"] yields the FFN slices."""
     h = x + attention(rms_norm(x, w["attention_norm"], args.norm_eps), w, rot, kv, seqs, args)
-    out = torch.empty_like(h)
-    for i in range(0, h.shape[0], ROWS_PER_CHUNK):
-        hi = h[i:i + ROWS_PER_CHUNK]
-        out[i:i + ROWS_PER_CHUNK] = hi + feed_forward(rms_norm(hi, w["ffn_norm"], args.norm_eps), w)
-    return out
+    return h + feed_forward(rms_norm(h, w["ffn_norm"], args.norm_eps), w["ffn"])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -107,10 +106,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight.to(x.dtype))
 
 
-def logits(h: torch.Tensor, norm: torch.Tensor, output: torch.Tensor, eps: float, rows: int = 16384) -> torch.Tensor:
-    """Final norm and output head for h [M, dim] -> float32 [M, vocab], the head applied in row chunks."""
-    h = rms_norm(h, norm, eps)
-    out = torch.empty(h.shape[0], output.shape[0], dtype=torch.float32)
-    for i in range(0, output.shape[0], rows):
-        out[:, i:i + rows] = linear(h, output[i:i + rows])
-    return out
+def logits(h: torch.Tensor, head, eps: float) -> torch.Tensor:
+    """Final norm and output head for h [M, dim] -> float32 [M, vocab]; head["output"] yields row pieces."""
+    h = rms_norm(h, head["norm"], eps)
+    return torch.cat([linear(h, piece).float() for piece in head["output"]], dim=-1)

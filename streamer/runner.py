@@ -1,6 +1,8 @@
-"""The streaming runner: one block mapped at a time, applied to every sequence's rows, then evicted."""
+"""The streaming runner: blocks arrive through the weight stream, each is applied to every sequence's
+rows at once, and its buffer goes back to the reader for the blocks ahead."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -11,24 +13,42 @@ from .kvcache import KVCache
 from .layout import ModelFiles
 from .memory import MemoryMonitor
 from .model import Seq
+from .stream import ResidentFile, StreamedFile, WeightStream, file_pieces
+
+MAX_PASS_TOKENS = 4096  # longer prompts are prefilled in several passes, bounding activation memory
 
 
 @dataclass
 class IOStats:
-    bytes_read: int = 0  # bytes of weight files touched, embedding rows included
+    bytes_read: int = 0  # weight bytes consumed: streamed files per pass, plus embedding rows
     forwards: int = 0
 
 
 class Runner:
-    """Runs packed chunks of tokens through the streamed model, keeping keys and values in `cache`."""
+    """Runs packed chunks of tokens through the streamed model, keeping keys and values in `cache`.
+
+    ring_bytes bounds the memory the streamed weights take; `resident` names files kept in RAM."""
 
     def __init__(self, files: ModelFiles, dtype: torch.dtype, monitor: MemoryMonitor | None = None,
-                 prefetch: bool = True):
+                 ring_bytes: int = 0, readers: int = 2, resident: Sequence[str] = (),
+                 max_pass_tokens: int = MAX_PASS_TOKENS):
         self.files, self.args, self.dtype = files, files.args, dtype
         self.freqs = model.rope_frequencies(self.args)
         self.monitor = monitor
-        self.prefetch = prefetch
         self.io = IOStats()
+        self.max_pass_tokens = max_pass_tokens
+        self.pieces = {n: file_pieces(files.folder / n, files.headers[n]) for n in files.step_files()}
+        self.resident = {n: ResidentFile(files.folder / n, self.pieces[n]) for n in resident}
+        streamed = [n for n in files.step_files() if n not in self.resident]
+        self.stream = (WeightStream([(files.folder / n, self.pieces[n]) for n in streamed], ring_bytes, readers)
+                       if streamed else None)
+        self.streamed_bytes = sum(files.files[n]["bytes"] for n in streamed)
+        index, start = files.headers["embedding.safetensors"]
+        dt, shape, begin, _ = index["tok_embeddings"]
+        self._emb = (os.open(files.folder / "embedding.safetensors", os.O_RDONLY), dt, shape[1], start + begin)
+
+    def _file(self, name: str):
+        return self.resident.get(name) or StreamedFile(self.stream, self.pieces[name])
 
     def _phase(self, name: str) -> None:
         if self.monitor:
@@ -37,6 +57,16 @@ class Runner:
     def forward(self, chunks: Sequence[tuple[int, Sequence[int]]], cache: KVCache, phase: str = "forward") -> torch.Tensor:
         """chunks: (slot, new token ids) per sequence; each continues where its slot's cache ends.
         Returns float32 logits [len(chunks), vocab] for the last new token of each chunk."""
+        out = torch.empty(len(chunks), self.args.vocab_size)
+        for part in _passes(chunks, self.max_pass_tokens):
+            want = [i for i, (_, _, last) in enumerate(part) if last]
+            logits = self._pass([c for _, c, _ in part], cache, phase, want)
+            for i, row in zip(want, logits):
+                out[part[i][0]] = row
+        cache.commit()
+        return out
+
+    def _pass(self, chunks, cache: KVCache, phase: str, want: list[int]) -> torch.Tensor:
         seqs, ids, positions, row = [], [], [], 0
         for slot, new in chunks:
             start = len(cache.tokens[slot])
@@ -45,36 +75,65 @@ class Runner:
             positions += range(start, start + len(new))
             row += len(new)
         self._phase(phase)
-        x = self._embed(torch.tensor(ids))  # [N, dim]
+        x = self._embed(ids)  # [N, dim]
         rot = model.rope_rotations(self.freqs, torch.tensor(positions))  # [N, hd/2]
-        f = self.files.block(0)
         for i in range(self.args.n_layers):
-            nxt = self.files.block(i + 1) if i + 1 < self.args.n_layers else self.files.open("head.safetensors")
-            if self.prefetch:
-                nxt.prefetch()  # the kernel reads it while this block computes
+            w = self._file(self.files.step_files()[i])
             with cache.layer(i) as kv:
-                x = model.block(x, f, rot, kv, seqs, self.args)
-            self._done(f)
-            f = nxt
+                x = model.block(x, w, rot, kv, seqs, self.args)
+            w.done()
         self._phase("head")
-        last = torch.tensor([s.rows.stop - 1 for s in seqs])
-        out = model.logits(x[last], f["norm"], f["output"], self.args.norm_eps)
-        self._done(f)
-        for (slot, new) in chunks:
+        head = self._file("head.safetensors")
+        if want:
+            last = torch.tensor([seqs[i].rows.stop - 1 for i in want])
+            logits = model.logits(x[last], head, self.args.norm_eps)
+        else:
+            head.drain()
+            logits = torch.empty(0, self.args.vocab_size)
+        head.done()
+        for slot, new in chunks:
             cache.tokens[slot] += list(new)
-        cache.commit()
+        self.io.bytes_read += self.streamed_bytes
         self.io.forwards += 1
-        return out
+        return logits
 
-    def _done(self, f) -> None:
-        f.evict()
-        self.io.bytes_read += f.nbytes
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        """Read only the needed rows of the embedding table."""
+        fd, dt, dim, start = self._emb
+        row = dim * dt.itemsize
+        buf = bytearray(row * len(ids))
+        for k, t in enumerate(ids):
+            os.preadv(fd, [memoryview(buf)[k * row:(k + 1) * row]], start + t * row)
+        self.io.bytes_read += len(buf)
+        return torch.frombuffer(buf, dtype=dt).view(len(ids), dim).to(self.dtype)
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Gather only the needed rows of the mapped embedding table."""
-        emb = self.files.open("embedding.safetensors")
-        table = emb["tok_embeddings"]
-        x = table[ids].to(self.dtype)
-        self.io.bytes_read += ids.numel() * table.shape[1] * table.element_size()
-        emb.evict()
-        return x
+    def close(self) -> None:
+        if self.stream:
+            self.stream.close()
+            self.stream = None
+        os.close(self._emb[0])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _passes(chunks, limit: int):
+    """Split chunks into passes of at most `limit` tokens; a sequence may continue in the next pass.
+    Yields lists of (chunk index, (slot, ids), is_its_last_part)."""
+    part, used = [], 0
+    for k, (slot, ids) in enumerate(chunks):
+        ids = list(ids)
+        while ids:
+            take = ids[:max(1, limit - used)] if used < limit else []
+            if not take:
+                yield part
+                part, used = [], 0
+                continue
+            ids = ids[len(take):]
+            part.append((k, (slot, take), not ids))
+            used += len(take)
+    if part:
+        yield part

@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import infer_rope_factor, open_source
 from .errors import StreamerError
-from .layout import FORMAT, FORMAT_VERSION, MANIFEST, file_plan, write_json_atomic
+from .layout import FORMAT, FORMAT_VERSION, LAYOUT, MANIFEST, file_plan, write_json_atomic
 from .weights import drop_cache, file_size_for, sha256_file, write_safetensors
 
 PARTIAL = ".manifest.partial.json"  # what an interrupted split had finished; a rerun keeps those files
@@ -33,18 +33,18 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True,
         raise StreamerError(f"{dst}: destination exists and is not a folder")
     dst.mkdir(parents=True, exist_ok=True)
     (dst / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
-    plan = [(name, {k: (out_dtype, _shape(ckpt, keys)) for k, keys in tensors.items()}, tensors)
-            for name, tensors in file_plan(ckpt.args)]
+    plan = [(name, {k: (out_dtype, shape) for k, shape, _ in entries}, entries)
+            for name, entries in file_plan(ckpt.args)]
     identity = {"args": ckpt.args.to_dict(), "dtype": str(out_dtype).removeprefix("torch."),
                 "source": [(p.name, p.stat().st_size) for p in ckpt.paths]}
     done = _resume(dst, identity)
     _check_space(dst, sum(file_size_for(spec) for name, spec, _ in plan if name not in done))
     bar = _progress(sum(file_size_for(spec) for _, spec, _ in plan), progress)
-    for name, spec, tensors in plan:
+    for name, spec, entries in plan:
         if name not in done:
-            parts = {k: [_cast(p, out_dtype) for key in keys for p in ckpt.parts(key)] for k, keys in tensors.items()}
+            tensors = {k: (out_dtype, shape, lambda make=make: make(ckpt.tensor)) for k, shape, make in entries}
             try:
-                size, sha = write_safetensors(dst / name, parts)
+                size, sha = write_safetensors(dst / name, tensors)
             except OSError as e:
                 raise StreamerError(f"{dst / name}: write failed ({e.strerror}); finished files are kept, "
                                     "rerun to resume") from None
@@ -67,19 +67,10 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True,
             raise StreamerError(f"{dst / name}: write failed ({e.strerror})") from None
         done[name] = {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **identity,
-                "source_folder": str(src.resolve()), "layout": "fused: wqkv=[wq;wk;wv], w13=[w1;w3]", "files": list(done.values())}
+                "source_folder": str(src.resolve()), "layout": LAYOUT, "files": list(done.values())}
     write_json_atomic(dst / MANIFEST, manifest)
     (dst / PARTIAL).unlink(missing_ok=True)
     return dst / MANIFEST
-
-
-def _shape(ckpt, keys: list[str]) -> tuple[int, ...]:
-    first = ckpt.shapes[keys[0]]
-    return (sum(ckpt.shapes[k][0] for k in keys), *first[1:])
-
-
-def _cast(part, dtype):
-    return part if part.dtype == dtype else part.to(dtype)
 
 
 def _resume(dst: Path, identity: dict) -> dict[str, dict]:

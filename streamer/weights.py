@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import struct
-import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Callable
 
 import torch
 
@@ -83,22 +81,25 @@ def file_size_for(tensors: dict[str, tuple[torch.dtype, tuple]]) -> int:
     return len(header_bytes(tensors)) + data
 
 
-def write_safetensors(path: Path, tensors: dict[str, list[torch.Tensor]]) -> tuple[int, str]:
-    """Stream tensors into `path` atomically; each entry's parts are concatenated along dim 0 as written.
-
-    Nothing is concatenated in memory: parts go to disk in chunks of rows. Returns (size, sha256).
-    """
-    spec = {}
-    for name, parts in tensors.items():
-        rows = sum(p.shape[0] for p in parts)
-        spec[name] = (parts[0].dtype, (rows, *parts[0].shape[1:]))
-    digest = hashlib.sha256()
+def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple, Callable[[], torch.Tensor]]]) -> tuple[int, str]:
+    """Stream tensors into `path` atomically, producing each one only when it is written, so memory holds
+    one tensor at a time. Returns (size, sha256)."""
+    header = header_bytes({name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()})
+    digest = hashlib.sha256(header)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            for chunk in _chunks(header_bytes(spec), tensors.values()):
-                digest.update(chunk)
-                f.write(chunk)
+            f.write(header)
+            for name, (dtype, shape, produce) in tensors.items():
+                t = produce()
+                if tuple(t.shape) != tuple(shape):
+                    raise StreamerError(f"{path}: tensor {name!r} came out {list(t.shape)}, expected {list(shape)}")
+                flat = t.to(dtype).contiguous().reshape(-1).view(torch.uint8)
+                for i in range(0, flat.numel(), _CHUNK):
+                    chunk = flat[i:i + _CHUNK].numpy()
+                    digest.update(chunk)
+                    f.write(chunk)
+                del t, flat
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
@@ -108,15 +109,6 @@ def write_safetensors(path: Path, tensors: dict[str, list[torch.Tensor]]) -> tup
         tmp.unlink(missing_ok=True)
         raise
     return size, digest.hexdigest()
-
-
-def _chunks(header: bytes, groups: Iterable[list[torch.Tensor]]):
-    yield header
-    for parts in groups:
-        for part in parts:
-            flat = part.contiguous().reshape(-1).view(torch.uint8)
-            for i in range(0, flat.numel(), _CHUNK):
-                yield flat[i:i + _CHUNK].numpy()
 
 
 def drop_cache(fd: int) -> None:
@@ -134,59 +126,3 @@ def sha256_file(path: Path) -> str:
             digest.update(chunk)
         drop_cache(f.fileno())
     return digest.hexdigest()
-
-
-class MappedFile:
-    """One safetensors file mapped read-only; tensors are zero-copy views into the page cache.
-
-    `evict()` removes its pages from this process and from the page cache. A tensor still held
-    after eviction stays valid: its pages are simply read from disk again.
-    """
-
-    def __init__(self, path: Path, expected_size: int | None = None):
-        self.path = Path(path)
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise StreamerError(f"{self.path}: cannot open ({e.strerror})") from None
-        size = os.fstat(self.fd).st_size
-        if expected_size is not None and size != expected_size:
-            os.close(self.fd)
-            raise StreamerError(f"{self.path}: is {size} bytes, the manifest says {expected_size} (truncated or replaced; run `streamer verify`)")
-        try:
-            self.index, self.data_start = read_header(self.path, size)
-            self.map = mmap.mmap(self.fd, size, access=mmap.ACCESS_READ)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.nbytes = size
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.index
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        try:
-            dtype, shape, begin, end = self.index[name]
-        except KeyError:
-            raise StreamerError(f"{self.path}: tensor {name!r} missing") from None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the mapping is read-only on purpose; nothing writes to weights
-            flat = torch.frombuffer(self.map, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                    offset=self.data_start + begin)
-        return flat.view(shape)
-
-    def prefetch(self) -> None:
-        """Start reading the whole file into the page cache in the background (kernel readahead)."""
-        try:
-            os.posix_fadvise(self.fd, 0, self.nbytes, os.POSIX_FADV_WILLNEED)
-        except (AttributeError, OSError):
-            pass
-
-    def evict(self) -> None:
-        if self.fd < 0:
-            return
-        self.map.madvise(mmap.MADV_DONTNEED)
-        drop_cache(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        self.map = None  # unmapped once the last tensor view is gone

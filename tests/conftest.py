@@ -44,13 +44,13 @@ def tokenizer_path() -> Path:
     return path
 
 
-def stream(folder: Path, prompt: list[int], n: int, dtype=torch.float32, kv_dir=None, **kw):
+def stream(folder: Path, prompt: list[int], n: int, dtype=torch.float32, kv_dir=None, runner_kw=None, **kw):
     """Greedy generation through the streamed runner and a disk KV cache: (steps, runner)."""
     files = ModelFiles(folder)
-    runner = Runner(files, dtype)
     cache = DiskKVCache(files.args, 1, 256, dtype, files.manifest_sha256, kv_dir)
     try:
-        steps = list(generate(runner, cache, prompt, SamplingParams(max_new_tokens=n, stop_ids=frozenset(), **kw)))
+        with Runner(files, dtype, **(runner_kw or {})) as runner:
+            steps = list(generate(runner, cache, prompt, SamplingParams(max_new_tokens=n, stop_ids=frozenset(), **kw)))
     finally:
         cache.close()
     return steps, runner

@@ -28,10 +28,10 @@ def run(folder, lines, tmp_path, batch_size):
     reqs = list(read_requests(tmp_path / "in.jsonl", SamplingParams(stop_ids=frozenset()), None, 256,
                               files.args.vocab_size, 0))
     assert all(not isinstance(r, dict) for r in reqs), reqs
-    runner = Runner(files, torch.float32)
     cache = DiskKVCache(files.args, batch_size, 256, torch.float32, files.manifest_sha256)
     log = ResultLog(tmp_path / "out.jsonl")
-    totals = run_batch(runner, cache, reqs, log, None)
+    with Runner(files, torch.float32) as runner:
+        totals = run_batch(runner, cache, reqs, log, None)
     log.close()
     cache.close()
     return {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}, totals

@@ -187,7 +187,7 @@ def test_header_claiming_offsets_beyond_the_file(tmp_path, layers):
     raw = bytearray(path.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
-    w2 = header["w2"]
+    w2 = header["ffn.0.w2"]
     w2["shape"][1] *= 1000  # a consistent entry that claims far more data than the file holds
     w2["data_offsets"][1] = w2["data_offsets"][0] + w2["shape"][0] * w2["shape"][1] * 4
     new = json.dumps(header).encode()
@@ -195,7 +195,7 @@ def test_header_claiming_offsets_beyond_the_file(tmp_path, layers):
     manifest = json.loads((m / MANIFEST).read_text())  # the manifest agrees on the size: only the header lies
     next(f for f in manifest["files"] if f["name"] == path.name)["bytes"] = path.stat().st_size
     (m / MANIFEST).write_text(json.dumps(manifest))
-    fails(cli("generate", m, "--prompt-ids", "1,2,3"), "block_000.safetensors", "'w2'", "truncated")
+    fails(cli("generate", m, "--prompt-ids", "1,2,3"), "block_000.safetensors", "'ffn.0.w2'", "truncated")
 
 
 def test_flipped_byte_found_by_full_verify(tmp_path, layers):

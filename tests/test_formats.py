@@ -60,7 +60,8 @@ def test_hf_safetensors_folder(tmp_path, params, tied):
     split(tmp_path / "hf", tmp_path / "layers", progress=False)
     files = ModelFiles(tmp_path / "layers")
     cache = MemoryKVCache(files.args, 1, len(PROMPT), torch.float32)
-    got = torch.log_softmax(Runner(files, torch.float32).forward([(0, PROMPT)], cache)[0], -1)
+    with Runner(files, torch.float32) as runner:
+        got = torch.log_softmax(runner.forward([(0, PROMPT)], cache)[0], -1)
     with torch.no_grad():
         want = torch.log_softmax(model(torch.tensor([PROMPT])).logits[0, -1].float(), -1)
     assert_logprobs_close(got, want)

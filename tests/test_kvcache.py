@@ -13,13 +13,14 @@ PROMPT = [3, 141, 59, 26, 53, 58, 97, 93]
 def recompute(folder, prompt, n):
     """Greedy decoding with no cache reuse: every step runs the whole sequence through every block."""
     files = ModelFiles(folder)
-    runner, ids, out = Runner(files, torch.float32), list(prompt), []
-    for _ in range(n):
-        cache = MemoryKVCache(files.args, 1, len(ids), torch.float32)
-        logp = torch.log_softmax(runner.forward([(0, ids)], cache)[0], -1)
-        tok = int(logp.argmax())
-        out.append((tok, float(logp[tok])))
-        ids.append(tok)
+    ids, out = list(prompt), []
+    with Runner(files, torch.float32) as runner:
+        for _ in range(n):
+            cache = MemoryKVCache(files.args, 1, len(ids), torch.float32)
+            logp = torch.log_softmax(runner.forward([(0, ids)], cache)[0], -1)
+            tok = int(logp.argmax())
+            out.append((tok, float(logp[tok])))
+            ids.append(tok)
     return out
 
 

@@ -12,7 +12,8 @@ PROMPT = [1, 17, 42, 99, 5, 250, 3, 8, 120, 64, 7]
 def streamed_last_logprobs(folder, prompt):
     files = ModelFiles(folder)
     cache = MemoryKVCache(files.args, 1, len(prompt), torch.float32)
-    return torch.log_softmax(Runner(files, torch.float32).forward([(0, prompt)], cache)[0], -1)
+    with Runner(files, torch.float32) as runner:
+        return torch.log_softmax(runner.forward([(0, prompt)], cache)[0], -1)
 
 
 def test_prompt_logprobs_match_hf(shape_model):

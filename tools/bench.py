@@ -102,6 +102,7 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
         logits = runner.forward(nxt, cache, phase="decode")
         times.append(time.perf_counter() - t0)
     kv_disk = sum(p.stat().st_blocks * 512 for p in cache.dir.glob("*.kv"))
+    runner.close()
     cache.close()
     mem = monitor.stop()
     times.sort()

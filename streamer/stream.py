@@ -1,0 +1,250 @@
+"""Weight streaming: a reader thread keeps the next pieces of the model coming into a bounded ring buffer.
+
+The runner consumes tensors in exactly the order the files store them (layout.py), step after step.
+A planner thread walks that same order, cyclically and across token steps, and reads each piece into
+the ring as soon as there is room, with large aligned preads split over a few reader threads
+(O_DIRECT where the filesystem allows it, so the page cache is neither filled nor charged). The ring's
+size is the memory the weights may take; blocks kept resident (a memory budget) are read once and
+never again.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import StreamerError
+from .weights import drop_cache
+
+ALIGN = 4096
+READ_CHUNK = 8 << 20  # bytes per pread: large sequential reads, split over the reader threads
+
+
+@dataclass
+class Piece:
+    file: int  # index into the stream's files
+    name: str
+    dtype: torch.dtype
+    shape: tuple
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The aligned byte range that holds it."""
+        return self.offset // ALIGN * ALIGN, -(-(self.offset + self.nbytes) // ALIGN) * ALIGN
+
+
+@dataclass
+class _Slot:
+    piece: Piece
+    start: int  # where its span starts in the ring
+    length: int
+    ready: threading.Event = field(default_factory=threading.Event)
+    pending: int = 0
+    error: BaseException | None = None
+
+
+def file_pieces(path: Path, header) -> list[Piece]:
+    index, data_start = header
+    items = sorted(index.items(), key=lambda kv: kv[1][2])
+    return [Piece(-1, n, dt, shape, data_start + b, e - b) for n, (dt, shape, b, e) in items]
+
+
+def min_ring_bytes(pieces: list[Piece]) -> int:
+    """The smallest ring that cannot deadlock: the consumer may hold three pieces at once (an FFN slice),
+    and a piece that does not fit before the end of the ring wraps to its start."""
+    biggest = max((q.span[1] - q.span[0] for q in pieces), default=ALIGN)
+    return 4 * biggest + 4 * ALIGN
+
+
+def _open(path: Path, direct: bool) -> tuple[int, bool]:
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError:
+            pass
+    return os.open(path, os.O_RDONLY), False
+
+
+class WeightStream:
+    """Pieces of `files` (in order, cyclically) read ahead into a ring of `ring_bytes`."""
+
+    def __init__(self, files: list[tuple[Path, list[Piece]]], ring_bytes: int, readers: int = 2, direct: bool = True):
+        self.paths = [p for p, _ in files]
+        self.order = [Piece(i, q.name, q.dtype, q.shape, q.offset, q.nbytes) for i, (_, ps) in enumerate(files) for q in ps]
+        biggest = max((q.span[1] - q.span[0] for q in self.order), default=0)
+        self.size = max(int(ring_bytes) // ALIGN * ALIGN, min_ring_bytes(self.order))
+        self.ring = mmap.mmap(-1, self.size)  # anonymous, page aligned: what O_DIRECT needs
+        self.view = torch.frombuffer(self.ring, dtype=torch.uint8)
+        opened = [_open(p, direct) for p in self.paths]
+        self.fds = [fd for fd, _ in opened]
+        self.direct = all(d for _, d in opened)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix="streamer-read")
+        self.cond = threading.Condition()
+        self.slots: list[_Slot] = []  # allocated and not yet released, oldest first
+        self.next_take = 0  # sequence number the consumer takes next
+        self.taken: list[_Slot] = []
+        self._planned = 0
+        self._stop = False
+        self.bytes_read = 0
+        self.planner = threading.Thread(target=self._plan, name="streamer-plan", daemon=True)
+        self.planner.start()
+
+    # --- producer ---------------------------------------------------------------------------------------
+    def _room(self, length: int) -> int | None:
+        """Ring offset for `length` bytes after the newest slot, if free (slots are freed oldest first)."""
+        if not self.slots:
+            return 0
+        head = self.slots[-1].start + self.slots[-1].length
+        tail = self.slots[0].start
+        if head > tail:  # in use: [tail, head); free: [head, size) and [0, tail)
+            if head + length <= self.size:
+                return head
+            return 0 if length <= tail else None
+        return head if head + length <= tail else None  # wrapped: free is [head, tail)
+
+    def _plan(self) -> None:
+        n = len(self.order)
+        while True:
+            piece = self.order[self._planned % n]
+            a, b = piece.span
+            with self.cond:
+                while not self._stop and (pos := self._room(b - a)) is None:
+                    self.cond.wait()
+                if self._stop:
+                    return
+                slot = _Slot(piece, pos, b - a)
+                self.slots.append(slot)
+                self._planned += 1
+                self.cond.notify_all()
+            chunks = [(off, min(READ_CHUNK, b - off)) for off in range(a, b, READ_CHUNK)]
+            slot.pending = len(chunks)
+            for off, length in chunks:
+                self.pool.submit(self._read, slot, off, length)
+
+    def _read(self, slot: _Slot, off: int, length: int) -> None:
+        try:
+            fd = self.fds[slot.piece.file]
+            dst = memoryview(self.ring)[slot.start + off - slot.piece.span[0]:][:length]
+            got = 0
+            while got < length:
+                n = os.preadv(fd, [dst[got:]], off + got)
+                if n == 0:
+                    break  # end of file: only alignment padding is missing
+                got += n
+            if not self.direct:
+                os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
+            if off + got < slot.piece.offset + slot.piece.nbytes and got < length:
+                raise StreamerError(f"{self.paths[slot.piece.file]}: file ended early while reading {slot.piece.name!r}")
+        except BaseException as e:  # surfaced to the consumer, which names the file
+            slot.error = e if isinstance(e, StreamerError) else StreamerError(
+                f"{self.paths[slot.piece.file]}: read failed ({getattr(e, 'strerror', None) or e})")
+        with self.cond:
+            slot.pending -= 1
+            self.bytes_read += length
+            if slot.pending == 0:
+                slot.ready.set()
+
+    # --- consumer ---------------------------------------------------------------------------------------
+    def take(self, name: str) -> torch.Tensor:
+        """The next piece in stream order, which must be `name`; waits until it has been read."""
+        with self.cond:
+            while len(self.slots) <= len(self.taken):  # not even planned yet
+                self.cond.wait()
+            slot = self.slots[len(self.taken)]
+        if slot.piece.name != name:
+            raise StreamerError(f"{self.paths[slot.piece.file]}: expected tensor {name!r} next, the file has "
+                                f"{slot.piece.name!r} (a layout from another streamer version?)")
+        slot.ready.wait()
+        if slot.error:
+            raise slot.error
+        self.taken.append(slot)
+        q = slot.piece
+        begin = slot.start + q.offset - q.span[0]
+        return self.view[begin:begin + q.nbytes].view(q.dtype).view(q.shape)
+
+    def release(self) -> None:
+        """Everything taken so far is no longer used: its ring space goes back to the reader."""
+        with self.cond:
+            del self.slots[:len(self.taken)]
+            self.taken.clear()
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self._stop = True
+            self.cond.notify_all()
+        self.planner.join()
+        self.pool.shutdown(wait=True)
+        for fd in self.fds:
+            os.close(fd)
+
+
+class StreamedFile:
+    """One file's tensors, served from the stream in order. Asking for the next name releases the previous
+    ones (the block math never reuses a weight once it has asked for a later one); iterating a pieced
+    tensor ("ffn", "output") yields its pieces, each released when the next is asked for."""
+
+    def __init__(self, stream: WeightStream, pieces: list[Piece]):
+        self.stream, self.names = stream, [p.name for p in pieces]
+
+    def __getitem__(self, name: str):
+        if name == "ffn":
+            return self._ffn()
+        if name == "output":
+            return self._pieces("output.")
+        self.stream.release()
+        return self.stream.take(name)
+
+    def _ffn(self):
+        for j in range(sum(n.startswith("ffn.") for n in self.names) // 3):
+            self.stream.release()
+            yield tuple(self.stream.take(f"ffn.{j}.{w}") for w in ("w1", "w3", "w2"))
+
+    def _pieces(self, prefix: str):
+        for name in (n for n in self.names if n.startswith(prefix)):
+            self.stream.release()
+            yield self.stream.take(name)
+
+    def done(self) -> None:
+        self.stream.release()
+
+    def drain(self) -> None:
+        """Skip this file's tensors (nothing needs them this pass) while keeping the stream in order."""
+        for name in self.names:
+            self.stream.release()
+            self.stream.take(name)
+        self.stream.release()
+
+
+class ResidentFile:
+    """A file read once into its own buffer and kept (a memory budget's resident blocks)."""
+
+    def __init__(self, path: Path, pieces: list[Piece]):
+        size = os.path.getsize(path)
+        self.buf = torch.empty(size, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.readinto(memoryview(self.buf.numpy()))
+            drop_cache(f.fileno())
+        self.t = {p.name: self.buf[p.offset:p.offset + p.nbytes].view(p.dtype).view(p.shape) for p in pieces}
+        self.names = [p.name for p in pieces]
+
+    def __getitem__(self, name: str):
+        if name == "ffn":
+            return (tuple(self.t[f"ffn.{j}.{w}"] for w in ("w1", "w3", "w2"))
+                    for j in range(sum(n.startswith("ffn.") for n in self.names) // 3))
+        if name == "output":
+            return (self.t[n] for n in self.names if n.startswith("output."))
+        return self.t[name]
+
+    def done(self) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
