@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from .budget import parse_size, plan
 from .errors import StreamerError
 from .generate import Sampler, SamplingParams, check_prompt
 from .generate_cli import pick_dtype
@@ -218,6 +219,7 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds lines that set none (mixed with the line's id)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--max-seq-len", type=int)
+    p.add_argument("--memory-budget", metavar="SIZE", help="RAM this run may use (default: what is available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -249,9 +251,12 @@ def main(args: argparse.Namespace) -> int:
         else:
             todo.append(item)
     dtype = pick_dtype(args.dtype)
+    slots = min(args.batch_size, max(1, len(todo)))
+    longest = max((len(r.prompt) + r.params.max_new_tokens for r in todo), default=1)
+    budget = plan(files, parse_size(args.memory_budget) if args.memory_budget else None, slots, longest)
     monitor = MemoryMonitor()
-    runner = Runner(files, dtype, monitor)
-    cache = DiskKVCache(files.args, min(args.batch_size, max(1, len(todo))), max_seq, dtype, files.manifest_sha256)
+    runner = Runner(files, dtype, monitor, **budget.runner_kwargs())
+    cache = DiskKVCache(files.args, slots, max_seq, dtype, files.manifest_sha256)
     bar = tqdm(total=len(todo), unit="prompt", desc="batch", disable=args.quiet, file=sys.stderr)
     t0 = now()
     try:

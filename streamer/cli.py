@@ -9,8 +9,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from .errors import StreamerError
 
-    batch, demo, download, generate_cli, split, verify = (
-        importlib.import_module(f"streamer.{m}") for m in ("batch", "demo", "download", "generate_cli", "split", "verify"))
+    batch, budget, demo, download, generate_cli, split, verify = (importlib.import_module(f"streamer.{m}") for m in (
+        "batch", "budget", "demo", "download", "generate_cli", "split", "verify"))
     info = argparse.Namespace(setup_arg_parser=verify.setup_info_parser, main=verify.info_main)
 
     parser = argparse.ArgumentParser(prog="streamer", description="Run Llama 3 block by block from disk.")
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         "download": (download, "fetch a checkpoint from the Hugging Face Hub and split it"),
         "generate": (generate_cli, "generate text from a split model"),
         "batch": (batch, "run a JSONL file of prompts, many per pass over the weights"),
+        "plan": (budget, "predict peak memory, resident blocks and the disk floor for a memory budget"),
         "verify": (verify, "check a split model's files against its manifest"),
         "info": (info, "show a split model's shape, dtype and sizes"),
         "demo": (demo, "make a small random model, split it and generate from it"),

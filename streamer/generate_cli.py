@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .budget import parse_size, plan
 from .errors import StreamerError
 from .generate import GenStats, SamplingParams, generate
 from .kvcache import DiskKVCache
@@ -66,8 +67,9 @@ def run(args) -> dict:
     if len(ids) + args.max_new_tokens - 1 > max_seq:
         raise StreamerError(f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens exceeds --max-seq-len {max_seq}")
     dtype = pick_dtype(args.dtype)
+    budget = plan(files, parse_size(args.memory_budget) if args.memory_budget else None, 1, len(ids) + args.max_new_tokens)
     monitor = MemoryMonitor()
-    runner = Runner(files, dtype, monitor)
+    runner = Runner(files, dtype, monitor, **budget.runner_kwargs())
     cache = DiskKVCache(files.args, 1, max_seq, dtype, files.manifest_sha256, args.kv_dir)
     stats, steps = GenStats(), []
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -116,6 +118,8 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="compute dtype")
     p.add_argument("--max-seq-len", type=int, help="context length (default: the model's, or 8192)")
     p.add_argument("--kv-dir", type=Path, help="keep the KV cache here (resumable); default: a temporary folder")
+    p.add_argument("--memory-budget", metavar="SIZE", help="RAM this run may use, e.g. 512M or 8G: blocks that fit stay "
+                   "resident, the rest stream through a ring (default: the memory available, cgroup limit included)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of text")
     p.add_argument("--memory-report", action="store_true", help="print peak memory per phase")
     return p

@@ -4,11 +4,11 @@ A folder holds embedding.safetensors, block_000.safetensors .. block_NNN.safeten
 params.json, optionally tokenizer.model, and manifest.json, written last. Tensors in a file are in the
 order the block math consumes them, so a block streams front to back:
 
-    attention_norm, wqkv = [wq; wk; wv], wo, ffn_norm,
+    attention_norm, wqkv.0, wqkv.1, ... (row pieces of [wq; wk; wv]), wo.0, ..., ffn_norm,
     ffn.0.w1, ffn.0.w3, ffn.0.w2, ffn.1.w1, ...   (w1/w3 rows and w2 columns of hidden slice j)
 
-and the head is norm, output.0, output.1, ... (row pieces). The FFN pieces let a block run in a
-bounded buffer and keep long prompts from ever building a [tokens, ffn_dim] activation.
+and the head is norm, output.0, output.1, ... No piece exceeds ~16 MiB in bf16, so a block runs in a
+small buffer, and long prompts never build a [tokens, ffn_dim] activation.
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ FORMAT = "streamer-split"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FFN_PIECE_ROWS = 1024  # hidden rows per FFN piece (3 x 8 MiB for 8B in bf16)
-HEAD_PIECE_BYTES = 64 << 20
-LAYOUT = "wqkv=[wq;wk;wv]; ffn.j.{w1,w3,w2}: rows / columns j*c..(j+1)*c of the hidden dim; output.k: row pieces"
+PIECE_BYTES = 16 << 20  # other matrices are stored in row pieces of at most this many bf16 bytes
+LAYOUT = ("wqkv.k, wo.k, output.k: row pieces (wqkv = [wq; wk; wv]); "
+          "ffn.j.{w1,w3,w2}: rows / columns j*c..(j+1)*c of the hidden dim")
 
 Get = Callable[[str], torch.Tensor]  # Meta key -> full (merged) tensor
 Entry = tuple[str, tuple[int, ...], Callable[[Get], torch.Tensor]]  # stored name, shape, producer
@@ -47,20 +48,33 @@ def ffn_piece_rows(args: ModelArgs) -> int:
     return largest_divisor(args.ffn_dim, FFN_PIECE_ROWS)
 
 
-def head_piece_rows(args: ModelArgs) -> int:
-    return max(1, HEAD_PIECE_BYTES // (2 * args.dim))
+def row_pieces(name: str, shape: tuple[int, int], keys: list[str]) -> list[Entry]:
+    """The matrix [keys[0]; keys[1]; ...] stored as row pieces name.0, name.1, ... of at most PIECE_BYTES in bf16."""
+    step = max(1, PIECE_BYTES // (2 * shape[1]))
+    return [(f"{name}.{k}", (min(step, shape[0] - a), shape[1]), lambda get, a=a: _rows(get, keys, a, a + step))
+            for k, a in enumerate(range(0, shape[0], step))]
+
+
+def _rows(get: Get, keys: list[str], a: int, b: int) -> torch.Tensor:
+    """Rows a..b of the tensors `keys` stacked along dim 0, without stacking them."""
+    parts, offset = [], 0
+    for key in keys:
+        t = get(key)
+        lo, hi = max(a, offset), min(b, offset + t.shape[0])
+        if lo < hi:
+            parts.append(t[lo - offset:hi - offset])
+        offset += t.shape[0]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _block(args: ModelArgs, i: int) -> list[Entry]:
     p, D, hd = f"layers.{i}.", args.dim, args.head_dim
     qkv = ("wq", "wk", "wv")
-    entries = [
-        ("attention_norm", (D,), lambda get: get(p + "attention_norm.weight")),
-        ("wqkv", ((args.n_heads + 2 * args.n_kv_heads) * hd, D),
-         lambda get: torch.cat([get(f"{p}attention.{w}.weight") for w in qkv])),
-        ("wo", (D, args.n_heads * hd), lambda get: get(p + "attention.wo.weight")),
-        ("ffn_norm", (D,), lambda get: get(p + "ffn_norm.weight")),
-    ]
+    wqkv = ((args.n_heads + 2 * args.n_kv_heads) * hd, D)
+    entries = [("attention_norm", (D,), lambda get: get(p + "attention_norm.weight"))]
+    entries += row_pieces("wqkv", wqkv, [f"{p}attention.{w}.weight" for w in qkv])
+    entries += row_pieces("wo", (D, args.n_heads * hd), [p + "attention.wo.weight"])
+    entries += [("ffn_norm", (D,), lambda get: get(p + "ffn_norm.weight"))]
     c = ffn_piece_rows(args)
     for j in range(args.ffn_dim // c):
         rows = slice(j * c, (j + 1) * c)
@@ -77,10 +91,8 @@ def file_plan(args: ModelArgs) -> list[tuple[str, list[Entry]]]:
     plan = [("embedding.safetensors", [("tok_embeddings", (args.vocab_size, args.dim),
                                         lambda get: get("tok_embeddings.weight"))])]
     plan += [(block_name(i), _block(args, i)) for i in range(args.n_layers)]
-    r, V = head_piece_rows(args), args.vocab_size
     head = [("norm", (args.dim,), lambda get: get("norm.weight"))]
-    head += [(f"output.{k}", (min(r, V - a), args.dim), lambda get, a=a: get("output.weight")[a:a + r])
-             for k, a in enumerate(range(0, V, r))]
+    head += row_pieces("output", (args.vocab_size, args.dim), ["output.weight"])
     plan.append(("head.safetensors", head))
     return plan
 

@@ -10,8 +10,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import psutil
-
 KINDS = ("rss", "private", "file")
 
 
@@ -44,15 +42,13 @@ class MemoryMonitor:
     def __init__(self, interval: float = 0.01):
         self.phase = "setup"
         self.report = MemoryReport()
-        self._proc = psutil.Process()
         self._stop = threading.Event()
         self._interval = interval
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
         self._thread.start()
 
     def sample(self) -> None:
-        m = self._proc.memory_info()
-        now = {"rss": m.rss, "private": m.rss - m.shared, "file": m.shared}
+        now = rss_parts()
         phase = self.phase
         per = self.report.phases.setdefault(phase, dict.fromkeys(KINDS, 0))
         for k, v in now.items():
@@ -74,6 +70,19 @@ class MemoryMonitor:
         self.sample()
         self.report.ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return self.report
+
+
+def rss_parts() -> dict[str, int]:
+    """RSS split as the kernel counts it: private = RssAnon + RssShmem (must stay in RAM), file = RssFile
+    (mapped file pages, which the kernel may drop and read again)."""
+    kb = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                key, value = line.split(":")
+                kb[key] = int(value.split()[0]) * 1024
+    private = kb.get("RssAnon", 0) + kb.get("RssShmem", 0)
+    return {"rss": private + kb.get("RssFile", 0), "private": private, "file": kb.get("RssFile", 0)}
 
 
 def now() -> float:

@@ -70,7 +70,7 @@ def attention(x, w, rot, kv, seqs: list[Seq], args: ModelArgs) -> torch.Tensor:
     """x [N, dim] (already normed) -> [N, dim]. Writes this step's keys (after RoPE) and values into
     kv [2, slots, max_seq, KV, hd] at each sequence's positions, then attends over the cached prefix."""
     N, H, KV, hd = x.shape[0], args.n_heads, args.n_kv_heads, args.head_dim
-    qkv = linear(x, w["wqkv"])  # [N, (H + 2 KV) hd]
+    qkv = linear_rows(x, w["wqkv"])  # [N, (H + 2 KV) hd]
     q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
     q = apply_rope(q.reshape(N, H, hd), rot)
     k = apply_rope(k.reshape(N, KV, hd), rot)
@@ -81,7 +81,7 @@ def attention(x, w, rot, kv, seqs: list[Seq], args: ModelArgs) -> torch.Tensor:
         kv[0, s.slot, s.start:end] = k[s.rows]
         kv[1, s.slot, s.start:end] = v[s.rows]
         out[s.rows] = attend(q[s.rows], kv[0, s.slot, :end].to(x.dtype), kv[1, s.slot, :end].to(x.dtype), s.start)
-    return linear(out, w["wo"])
+    return linear_rows(out, w["wo"])
 
 
 def feed_forward(x: torch.Tensor, pieces) -> torch.Tensor:
@@ -106,7 +106,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight.to(x.dtype))
 
 
+def linear_rows(x: torch.Tensor, pieces) -> torch.Tensor:
+    """x @ W.T for W given whole or as row pieces (W = [W0; W1; ...]): the outputs concatenate."""
+    if isinstance(pieces, torch.Tensor):
+        return linear(x, pieces)
+    return torch.cat([linear(x, w) for w in pieces], dim=-1)
+
+
 def logits(h: torch.Tensor, head, eps: float) -> torch.Tensor:
-    """Final norm and output head for h [M, dim] -> float32 [M, vocab]; head["output"] yields row pieces."""
+    """Final norm and output head for h [M, dim] -> float32 [M, vocab]; head["output"] may come in row pieces."""
     h = rms_norm(h, head["norm"], eps)
-    return torch.cat([linear(h, piece).float() for piece in head["output"]], dim=-1)
+    return linear_rows(h, head["output"]).float()

@@ -30,7 +30,7 @@ class Runner:
     ring_bytes bounds the memory the streamed weights take; `resident` names files kept in RAM."""
 
     def __init__(self, files: ModelFiles, dtype: torch.dtype, monitor: MemoryMonitor | None = None,
-                 ring_bytes: int = 0, readers: int = 2, resident: Sequence[str] = (),
+                 ring_bytes: int = 0, readers: int = 4, resident: Sequence[str] = (),
                  max_pass_tokens: int = MAX_PASS_TOKENS):
         self.files, self.args, self.dtype = files, files.args, dtype
         self.freqs = model.rope_frequencies(self.args)

@@ -79,14 +79,14 @@ def block_flops(args, tokens: int) -> float:
     return per_token * tokens
 
 
-def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.bfloat16) -> dict:
+def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.bfloat16, **runner_kw) -> dict:
     """Prefill `batch` random prompts of `prompt_len` tokens together, then `steps` decode steps."""
     import random
     from streamer import DiskKVCache, ModelFiles, Runner
     from streamer.memory import MemoryMonitor
     files = ModelFiles(model)
     monitor = MemoryMonitor()
-    runner = Runner(files, dtype, monitor)
+    runner = Runner(files, dtype, monitor, **runner_kw)
     cache = DiskKVCache(files.args, batch, prompt_len + steps + 1, dtype, files.manifest_sha256)
     r = random.Random(0)
     chunks = [(s, [128000] + [r.randrange(1000, 100000) for _ in range(prompt_len - 1)]) for s in range(batch)]
