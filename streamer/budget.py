@@ -50,11 +50,16 @@ def cgroup_limit() -> int | None:
     return None
 
 
+HEADROOM = 0.85  # of the memory the kernel calls available
+CGROUP_RESERVE = 192 << 20  # under a cgroup, page cache counts: torch's code pages alone keep ~100-150 MiB
+
+
 def available_memory() -> int:
-    """What this run may use: the cgroup limit if one is set, else the memory the kernel calls available."""
-    avail = psutil.virtual_memory().available
+    """What this run may use by default: most of the available memory, and under a memory cgroup its
+    limit less what the runtime's code and page cache need, so the cgroup is not reclaiming all the time."""
+    avail = int(HEADROOM * psutil.virtual_memory().available)
     limit = cgroup_limit()
-    return min(avail, limit) if limit else avail
+    return min(avail, limit - CGROUP_RESERVE) if limit else avail
 
 
 @dataclass

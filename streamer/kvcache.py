@@ -1,10 +1,13 @@
-"""KV caches. The runner maps one block's cache at a time; the block math gets it as a tensor.
+"""KV caches. While block i runs, the runner holds only block i's cache for the sequences of the pass;
+the block math gets it as a tensor and does no I/O.
 
-Each block's cache is one tensor laid out as
+Each block's cache is laid out as
     [2 (keys after RoPE, values), slots, max_seq, n_kv_heads, head_dim]   in the compute dtype,
 so a sequence's positions are contiguous. DiskKVCache keeps one sparse, preallocated file per block
 (only written positions take disk space) plus a small JSON header naming the model, dtype, layout and
-the token ids each slot holds, so that a kept cache can be resumed and a foreign one refused.
+the token ids each slot holds, so that a kept cache can be resumed and a foreign one refused. It reads
+exactly the cached positions a pass attends over and writes back exactly the new ones (pread/pwrite:
+a mapping would read ahead megabytes around every touched page), then drops them from the page cache.
 """
 from __future__ import annotations
 
@@ -40,6 +43,23 @@ class KVCache:
     def layer_bytes(self) -> int:
         return torch.Size(self.shape).numel() * self.dtype.itemsize
 
+    @contextlib.contextmanager
+    def layer(self, i: int, seqs: list[tuple[int, int, int]]):
+        """Block i's cache for the pass's sequences (slot, start, end): a tensor [2, len(seqs), max end,
+        KV, hd] holding positions [0, start) of each; the block writes [start, end), saved on exit."""
+        shape = (2, len(seqs), max(e for _, _, e in seqs), self.args.n_kv_heads, self.args.head_dim)
+        kv = torch.zeros(shape, dtype=self.dtype)
+        for row, (slot, start, _) in enumerate(seqs):
+            if start:
+                self._read(i, slot, start, kv[:, row, :start])
+        yield kv
+        for row, (slot, start, end) in enumerate(seqs):
+            self._write(i, slot, start, kv[:, row, start:end])
+        self._done(i)
+
+    def _done(self, i: int) -> None:
+        pass
+
     def reserve(self, slot: int, length: int) -> None:
         """Make room for `length` positions in `slot` before any work starts."""
         if length > self.max_seq:
@@ -59,9 +79,11 @@ class MemoryKVCache(KVCache):
         super().__init__(args, slots, max_seq, dtype)
         self.layers = [torch.zeros(self.shape, dtype=dtype) for _ in range(args.n_layers)]
 
-    @contextlib.contextmanager
-    def layer(self, i: int):
-        yield self.layers[i]
+    def _read(self, i, slot, end, out):
+        out.copy_(self.layers[i][:, slot, :end])
+
+    def _write(self, i, slot, start, new):
+        self.layers[i][:, slot, start:start + new.shape[1]] = new
 
 
 class DiskKVCache(KVCache):
@@ -73,6 +95,7 @@ class DiskKVCache(KVCache):
                  model_sha256: str, directory: Path | None = None):
         super().__init__(args, slots, max_seq, dtype)
         self.model_sha256 = model_sha256
+        self._fds: dict[int, int] = {}
         self.keep = directory is not None
         self.dir = Path(directory) if self.keep else Path(tempfile.mkdtemp(prefix="streamer-kv-"))
         if self.dir.exists() and not self.dir.is_dir():
@@ -140,30 +163,47 @@ class DiskKVCache(KVCache):
             raise StreamerError(f"{self.dir}: cannot reserve {2 * length * row * self.args.n_layers / 1e6:.1f} MB "
                                 f"for the KV cache ({e.strerror})") from None
 
-    @contextlib.contextmanager
-    def layer(self, i: int):
-        path = self._path(i)
+    def _offset(self, kv: int, slot: int, pos: int) -> int:
+        row = self.args.n_kv_heads * self.args.head_dim * self.dtype.itemsize
+        return ((kv * self.slots + slot) * self.max_seq + pos) * row
+
+    def _fd(self, i: int) -> int:
+        if i not in self._fds:
+            self._fds[i] = os.open(self._path(i), os.O_RDWR)
+        return self._fds[i]
+
+    def _read(self, i, slot, end, out):
+        fd = self._fd(i)
+        for kv in (0, 1):
+            buf = out[kv].contiguous().view(-1).view(torch.uint8).numpy()
+            if os.preadv(fd, [buf], self._offset(kv, slot, 0)) != buf.nbytes:
+                raise StreamerError(f"{self._path(i)}: KV cache file is shorter than its header says")
+            out[kv] = torch.from_numpy(buf).view(self.dtype).view(out[kv].shape)
+
+    def _write(self, i, slot, start, new):
+        fd = self._fd(i)
         try:
-            t = torch.from_file(str(path), shared=True, size=torch.Size(self.shape).numel(), dtype=self.dtype)
-            yield t.view(self.shape)
+            for kv in (0, 1):
+                os.pwritev(fd, [new[kv].contiguous().view(-1).view(torch.uint8).numpy()], self._offset(kv, slot, start))
         except OSError as e:
-            raise StreamerError(f"{path}: KV cache write failed ({e.strerror})") from None
-        finally:
-            t = None  # unmapped here; the dirty pages go to disk and leave the page cache
-            with open(path, "rb") as f:
-                drop_cache(f.fileno())
+            raise StreamerError(f"{self._path(i)}: KV cache write failed ({e.strerror})") from None
+
+    def _done(self, i: int) -> None:
+        drop_cache(self._fd(i))  # clean pages leave now, written ones as soon as they are on disk
 
     def commit(self) -> None:
         if not self.keep:
             return
         try:
             for i in range(self.args.n_layers):
-                with open(self._path(i), "rb+") as f:
-                    os.fdatasync(f.fileno())
+                os.fdatasync(self._fd(i))
             write_json_atomic(self.dir / HEADER, self._header())
         except OSError as e:
             raise StreamerError(f"{self.dir}: cannot save the KV cache ({e.strerror})") from None
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)

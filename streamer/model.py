@@ -16,7 +16,7 @@ from .args import ModelArgs
 
 
 class Seq(NamedTuple):
-    slot: int  # row of the KV cache this sequence owns
+    slot: int  # its row in the KV cache slice of this pass
     start: int  # position of its first row in this step (= tokens already cached)
     rows: slice  # its rows in the packed [N, dim] activations
 
@@ -68,7 +68,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
 
 def attention(x, w, rot, kv, seqs: list[Seq], args: ModelArgs) -> torch.Tensor:
     """x [N, dim] (already normed) -> [N, dim]. Writes this step's keys (after RoPE) and values into
-    kv [2, slots, max_seq, KV, hd] at each sequence's positions, then attends over the cached prefix."""
+    kv [2, seqs, positions, KV, hd] at each sequence's positions, then attends over the cached prefix."""
     N, H, KV, hd = x.shape[0], args.n_heads, args.n_kv_heads, args.head_dim
     qkv = linear_rows(x, w["wqkv"])  # [N, (H + 2 KV) hd]
     q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)

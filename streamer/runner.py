@@ -11,7 +11,7 @@ import torch
 from . import model
 from .kvcache import KVCache
 from .layout import ModelFiles
-from .memory import MemoryMonitor
+from .memory import MemoryMonitor, trim_page_cache
 from .model import Seq
 from .stream import ResidentFile, StreamedFile, WeightStream, file_pieces
 
@@ -46,6 +46,7 @@ class Runner:
         index, start = files.headers["embedding.safetensors"]
         dt, shape, begin, _ = index["tok_embeddings"]
         self._emb = (os.open(files.folder / "embedding.safetensors", os.O_RDONLY), dt, shape[1], start + begin)
+        trim_page_cache()
 
     def _file(self, name: str):
         return self.resident.get(name) or StreamedFile(self.stream, self.pieces[name])
@@ -67,10 +68,11 @@ class Runner:
         return out
 
     def _pass(self, chunks, cache: KVCache, phase: str, want: list[int]) -> torch.Tensor:
-        seqs, ids, positions, row = [], [], [], 0
-        for slot, new in chunks:
+        seqs, spans, ids, positions, row = [], [], [], [], 0
+        for k, (slot, new) in enumerate(chunks):
             start = len(cache.tokens[slot])
-            seqs.append(Seq(slot, start, slice(row, row + len(new))))
+            seqs.append(Seq(k, start, slice(row, row + len(new))))  # row k of this pass's cache slice
+            spans.append((slot, start, start + len(new)))
             ids += new
             positions += range(start, start + len(new))
             row += len(new)
@@ -79,7 +81,7 @@ class Runner:
         rot = model.rope_rotations(self.freqs, torch.tensor(positions))  # [N, hd/2]
         for i in range(self.args.n_layers):
             w = self._file(self.files.step_files()[i])
-            with cache.layer(i) as kv:
+            with cache.layer(i, spans) as kv:
                 x = model.block(x, w, rot, kv, seqs, self.args)
             w.done()
         self._phase("head")
