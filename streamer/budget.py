@@ -51,15 +51,14 @@ def cgroup_limit() -> int | None:
 
 
 HEADROOM = 0.85  # of the memory the kernel calls available
-CGROUP_RESERVE = 192 << 20  # under a cgroup, page cache counts: torch's code pages alone keep ~100-150 MiB
+CODE_CACHE = 160 << 20  # page cache the runtime's code needs (torch's libraries): counted by a cgroup, measured ~100-150 MiB
 
 
 def available_memory() -> int:
-    """What this run may use by default: most of the available memory, and under a memory cgroup its
-    limit less what the runtime's code and page cache need, so the cgroup is not reclaiming all the time."""
+    """What this run may use by default: its memory cgroup's limit, or most of the available memory."""
     avail = int(HEADROOM * psutil.virtual_memory().available)
     limit = cgroup_limit()
-    return min(avail, limit - CGROUP_RESERVE) if limit else avail
+    return min(avail, limit) if limit else avail
 
 
 @dataclass
@@ -78,7 +77,9 @@ class Plan:
 
     @property
     def predicted_peak(self) -> int:
-        return BASELINE + self.ring_bytes + sum(self.file_bytes[n] for n in self.resident) + self.activations + self.kv_mapped
+        cache = min(CODE_CACHE, max(0, self.budget - BASELINE - self.kv_mapped - self.activations - self.ring_bytes))
+        return (BASELINE + cache + self.ring_bytes + sum(self.file_bytes[n] for n in self.resident)
+                + self.activations + self.kv_mapped)
 
 
 def activation_bytes(files: ModelFiles, tokens: int, batch: int, context: int) -> int:
@@ -110,7 +111,7 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
             f"a memory budget of {budget / 2**20:.0f} MiB cannot work: the runtime needs ~{BASELINE / 2**20:.0f} MiB, "
             f"activations for batch {batch} ~{act / 2**20:.0f} MiB, one block's KV cache {kv_mapped / 2**20:.0f} MiB and the "
             f"smallest weight ring {ring_min / 2**20:.0f} MiB ({(BASELINE + act + kv_mapped + ring_min) / 2**20:.0f} MiB in all)")
-    spare = room - act
+    spare = room - act - CODE_CACHE  # the runtime's code pages come first; below that, steps slow down but run
     resident: list[str] = []
     if spare >= sum(sizes.values()):  # everything fits: nothing streams
         resident = list(names)
@@ -123,6 +124,9 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
                 resident.append(n)
                 left -= sizes[n]
         ring = max(ring, ring_min)
+    if spare < ring_min:
+        print(f"plan: a budget of {budget / 2**20:.0f} MiB leaves torch's code pages too little page cache; "
+              f"expect slower steps below ~{(BASELINE + CODE_CACHE + act + kv_mapped + ring_min) / 2**20:.0f} MiB", file=sys.stderr)
     resident.sort(key=names.index)
     streamed = sum(sizes[n] for n in names if n not in resident)
     return Plan(budget, ring, resident, tokens, act, kv_mapped, streamed, sizes)
@@ -162,7 +166,7 @@ def main(args: argparse.Namespace) -> int:
     mib = lambda b: f"{b / 2**20:,.0f} MiB"
     blocks = [n for n in p.resident if n.startswith("block_")]
     print(f"memory budget {mib(p.budget)} for batch {args.batch}, context {args.context}:")
-    print(f"  predicted peak   {mib(p.predicted_peak)} (runtime {mib(BASELINE)}, weight ring {mib(p.ring_bytes)}, "
+    print(f"  predicted peak   {mib(p.predicted_peak)} (runtime {mib(BASELINE)} + its code {mib(CODE_CACHE)}, weight ring {mib(p.ring_bytes)}, "
           f"resident {mib(sum(p.file_bytes[n] for n in p.resident))}, activations {mib(p.activations)}, "
           f"KV of one block {mib(p.kv_mapped)})")
     print(f"  resident         {len(blocks)} of {files.args.n_layers} blocks" + (", and the head" if "head.safetensors" in p.resident else "")

@@ -20,9 +20,10 @@ from typing import Callable
 
 import torch
 
+from . import quant
 from .args import ModelArgs
 from .errors import StreamerError
-from .weights import read_header
+from .weights import PAD, read_header
 
 FORMAT = "streamer-split"
 FORMAT_VERSION = 1
@@ -33,7 +34,7 @@ LAYOUT = ("wqkv.k, wo.k, output.k: row pieces (wqkv = [wq; wk; wv]); "
           "ffn.j.{w1,w3,w2}: rows / columns j*c..(j+1)*c of the hidden dim")
 
 Get = Callable[[str], torch.Tensor]  # Meta key -> full (merged) tensor
-Entry = tuple[str, tuple[int, ...], Callable[[Get], torch.Tensor]]  # stored name, shape, producer
+Entry = tuple  # (stored name, shape, producer(get) -> tensor[, dtype when not the model's])
 
 
 def block_name(i: int) -> str:
@@ -86,8 +87,31 @@ def _block(args: ModelArgs, i: int) -> list[Entry]:
     return entries
 
 
-def file_plan(args: ModelArgs) -> list[tuple[str, list[Entry]]]:
-    """Every weight file, in streaming order, with the tensors it holds in consumption order."""
+def file_plan(args: ModelArgs, quantize: str | None = None) -> list[tuple[str, list[Entry]]]:
+    """Every weight file, in streaming order, with the tensors it holds in consumption order.
+    With `quantize`, each matrix but the embedding becomes its codes and scales (quant.py)."""
+    plan = _plan(args)
+    if quantize:
+        plan = [(f, [x for e in entries for x in _quantized(e, quantize)]) if f != "embedding.safetensors" else (f, entries)
+                for f, entries in plan]
+    return plan
+
+
+def _quantized(entry: Entry, scheme: str) -> list[Entry]:
+    name, shape, make = entry[:3]
+    if len(shape) != 2:
+        return [entry]
+    memo = {}
+
+    def result(get):  # quantize once; the codes and the scales are written one after the other
+        if "w" not in memo:
+            memo.clear()
+            memo["w"] = quant.quantize(make(get), scheme)
+        return memo["w"]
+    return [(n, s, lambda get, pick=pick: pick(result(get)), dt) for n, dt, s, pick in quant.stored(name, shape, scheme)]
+
+
+def _plan(args: ModelArgs) -> list[tuple[str, list[Entry]]]:
     plan = [("embedding.safetensors", [("tok_embeddings", (args.vocab_size, args.dim),
                                         lambda get: get("tok_embeddings.weight"))])]
     plan += [(block_name(i), _block(args, i)) for i in range(args.n_layers)]
@@ -138,7 +162,9 @@ class ModelFiles:
         self.args = ModelArgs.from_params(self.manifest["args"], source=str(self.folder / MANIFEST))
         self.files = {f["name"]: f for f in self.manifest["files"]}
         self.dtype = self.manifest["dtype"]
-        self.headers = {name: self._check(name, [e[0] for e in entries]) for name, entries in file_plan(self.args)}
+        self.quantize = self.manifest.get("quantize")
+        plan = file_plan(self.args, self.quantize)
+        self.headers = {name: self._check(name, [e[0] for e in entries]) for name, entries in plan}
         tok = self.folder / "tokenizer.model"
         self.tokenizer_path = tok if tok.is_file() else None
 
@@ -155,7 +181,7 @@ class ModelFiles:
         if size != entry["bytes"]:
             raise StreamerError(f"{path}: is {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
         header = read_header(path, size)
-        if sorted(header[0], key=lambda n: header[0][n][2]) != tensors:
+        if [n for n in sorted(header[0], key=lambda n: header[0][n][2]) if not n.startswith(PAD)] != tensors:
             raise StreamerError(f"{path}: holds other tensors than this streamer's layout (split again with `streamer split`)")
         return header
 

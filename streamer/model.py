@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .args import ModelArgs
+from .quant import qlinear
 
 
 class Seq(NamedTuple):
@@ -101,14 +102,17 @@ def block(x: torch.Tensor, w, rot: torch.Tensor, kv: torch.Tensor, seqs: list[Se
     return h + feed_forward(rms_norm(h, w["ffn_norm"], args.norm_eps), w["ffn"])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, converting this one matrix to the compute dtype if it is stored in another."""
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """x @ weight.T, converting this one matrix to the compute dtype if it is stored in another;
+    quantized weights go straight to their kernels."""
+    if not isinstance(weight, torch.Tensor):
+        return qlinear(x, weight)
     return F.linear(x, weight.to(x.dtype))
 
 
 def linear_rows(x: torch.Tensor, pieces) -> torch.Tensor:
     """x @ W.T for W given whole or as row pieces (W = [W0; W1; ...]): the outputs concatenate."""
-    if isinstance(pieces, torch.Tensor):
+    if isinstance(pieces, torch.Tensor) or not hasattr(pieces, "__next__"):
         return linear(x, pieces)
     return torch.cat([linear(x, w) for w in pieces], dim=-1)
 

@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import infer_rope_factor, open_source
 from .errors import StreamerError
+from .quant import SCHEMES
 from .layout import FORMAT, FORMAT_VERSION, LAYOUT, MANIFEST, file_plan, write_json_atomic
 from .weights import drop_cache, file_size_for, sha256_file, write_safetensors
 
@@ -22,7 +23,7 @@ DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True,
-          rope_scaling_factor: float | None = None) -> Path:
+          rope_scaling_factor: float | None = None, quantize: str | None = None) -> Path:
     """Split a Meta (or Hugging Face) checkpoint folder into DST; returns the manifest path.
     Resumes an interrupted split."""
     src, dst = Path(src), Path(dst)
@@ -33,16 +34,18 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True,
         raise StreamerError(f"{dst}: destination exists and is not a folder")
     dst.mkdir(parents=True, exist_ok=True)
     (dst / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
-    plan = [(name, {k: (out_dtype, shape) for k, shape, _ in entries}, entries)
-            for name, entries in file_plan(ckpt.args)]
-    identity = {"args": ckpt.args.to_dict(), "dtype": str(out_dtype).removeprefix("torch."),
+    if quantize not in (None, *SCHEMES):
+        raise StreamerError(f"--quantize must be one of {', '.join(SCHEMES)}, got {quantize!r}")
+    plan = [(name, {e[0]: (e[3] if len(e) > 3 else out_dtype, e[1]) for e in entries}, entries)
+            for name, entries in file_plan(ckpt.args, quantize)]
+    identity = {"args": ckpt.args.to_dict(), "dtype": str(out_dtype).removeprefix("torch."), "quantize": quantize,
                 "source": [(p.name, p.stat().st_size) for p in ckpt.paths]}
     done = _resume(dst, identity)
     _check_space(dst, sum(file_size_for(spec) for name, spec, _ in plan if name not in done))
     bar = _progress(sum(file_size_for(spec) for _, spec, _ in plan), progress)
     for name, spec, entries in plan:
         if name not in done:
-            tensors = {k: (out_dtype, shape, lambda make=make: make(ckpt.tensor)) for k, shape, make in entries}
+            tensors = {e[0]: (spec[e[0]][0], e[1], lambda make=e[2]: make(ckpt.tensor)) for e in entries}
             try:
                 size, sha = write_safetensors(dst / name, tensors)
             except OSError as e:
@@ -133,11 +136,13 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), help="store weights in this dtype (default: the source's)")
     p.add_argument("--rope-scaling-factor", type=float,
                    help="Llama 3.1+ RoPE scaling factor (default: 8 for 3.1, 32 for 3.2 1B/3B shapes, or config.json's)")
+    p.add_argument("--quantize", choices=SCHEMES, help="int8: per-row scales; int4: groups of 64 (weight-only, packed now)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    manifest = split(args.src, args.dst, args.dtype, progress=not args.quiet, rope_scaling_factor=args.rope_scaling_factor)
+    manifest = split(args.src, args.dst, args.dtype, progress=not args.quiet, rope_scaling_factor=args.rope_scaling_factor,
+                     quantize=args.quantize)
     print(f"wrote {manifest.parent} ({json.loads(manifest.read_text())['args']['n_layers']} blocks)", file=sys.stderr)
     return 0

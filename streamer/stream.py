@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .errors import StreamerError
-from .weights import drop_cache
+from .quant import Int4Weight, Int8Weight
+from .weights import PAD, drop_cache
 
 ALIGN = 4096
 READ_CHUNK = 16 << 20  # bytes per pread; measured here: 16 MiB over 4 readers matched a cold sequential read
@@ -53,7 +54,7 @@ class _Slot:
 def file_pieces(path: Path, header) -> list[Piece]:
     index, data_start = header
     items = sorted(index.items(), key=lambda kv: kv[1][2])
-    return [Piece(-1, n, dt, shape, data_start + b, e - b) for n, (dt, shape, b, e) in items]
+    return [Piece(-1, n, dt, shape, data_start + b, e - b) for n, (dt, shape, b, e) in items if not n.startswith(PAD)]
 
 
 def min_ring_bytes(pieces: list[Piece]) -> int:
@@ -197,7 +198,17 @@ class FileView:
     piece, releases what was taken before: the block math never reuses a weight it has moved past."""
 
     def __init__(self, pieces: list[Piece]):
-        self.names = [p.name for p in pieces]
+        every = [p.name for p in pieces]
+        self.companions = {n: c for n in every for c in (n + ".scale", n + ".sz") if c in every}
+        self.names = [n for n in every if not n.endswith((".scale", ".sz"))]
+
+    def _weight(self, name: str):
+        """A tensor, or quantized codes with their scales (quant.py)."""
+        w = self._take(name)
+        c = self.companions.get(name)
+        if c is None:
+            return w
+        return (Int8Weight if c.endswith(".scale") else Int4Weight)(w, self._take(c))
 
     def __getitem__(self, name: str):
         if name == "ffn":
@@ -206,12 +217,12 @@ class FileView:
         if name not in self.names:
             return self._group([n for n in self.names if n.rsplit(".", 1)[0] == name], ("",))
         self._release()
-        return self._take(name)
+        return self._weight(name)
 
     def _group(self, prefixes, suffixes):
         for prefix in prefixes:
             self._release()
-            got = tuple(self._take(prefix + s) for s in suffixes)
+            got = tuple(self._weight(prefix + s) for s in suffixes)
             yield got if len(got) > 1 else got[0]
 
     def done(self) -> None:
@@ -221,7 +232,7 @@ class FileView:
         """Skip this file's tensors (nothing needs them this pass) while keeping the stream in order."""
         for name in self.names:
             self._release()
-            self._take(name)
+            self._weight(name)
         self._release()
 
 

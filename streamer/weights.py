@@ -62,36 +62,52 @@ def read_header(path: Path, file_size: int | None = None) -> tuple[dict, int]:
     return tensors, data_start
 
 
-def header_bytes(tensors: dict[str, tuple[torch.dtype, tuple]]) -> bytes:
-    """The safetensors header for tensors laid out back to back in the given order."""
-    meta, offset = {}, 0
+TENSOR_ALIGN = 64  # every tensor starts on a 64-byte boundary: CPU kernels (int8 matmul) need 16
+PAD = "__pad."  # byte tensors that fill the gaps, since safetensors allows no holes; readers skip them
+
+
+def layout(tensors: dict[str, tuple[torch.dtype, tuple]]) -> list[tuple[str, torch.dtype, tuple, int, int]]:
+    """(name, dtype, shape, begin, end) in file order, with padding entries wherever alignment needs them."""
+    out, offset = [], 0
     for name, (dtype, shape) in tensors.items():
-        numel = 1
-        for d in shape:
-            numel *= d
-        meta[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + numel * dtype.itemsize]}
-        offset += numel * dtype.itemsize
+        if offset % TENSOR_ALIGN:
+            gap = -offset % TENSOR_ALIGN
+            out.append((f"{PAD}{len(out)}", torch.uint8, (gap,), offset, offset + gap))
+            offset += gap
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        out.append((name, dtype, tuple(shape), offset, offset + nbytes))
+        offset += nbytes
+    return out
+
+
+def header_bytes(tensors: dict[str, tuple[torch.dtype, tuple]]) -> bytes:
+    """The safetensors header; the data that follows starts on a TENSOR_ALIGN boundary."""
+    meta = {n: {"dtype": DTYPE_NAMES[dt], "shape": list(s), "data_offsets": [b, e]} for n, dt, s, b, e in layout(tensors)}
     raw = json.dumps(meta, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 64)  # keeps tensor data aligned
+    raw += b" " * (-(8 + len(raw)) % TENSOR_ALIGN)
     return struct.pack("<Q", len(raw)) + raw
 
 
 def file_size_for(tensors: dict[str, tuple[torch.dtype, tuple]]) -> int:
-    data = sum(torch.Size(shape).numel() * dtype.itemsize for dtype, shape in tensors.values())
-    return len(header_bytes(tensors)) + data
+    return len(header_bytes(tensors)) + layout(tensors)[-1][4]
 
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple, Callable[[], torch.Tensor]]]) -> tuple[int, str]:
     """Stream tensors into `path` atomically, producing each one only when it is written, so memory holds
     one tensor at a time. Returns (size, sha256)."""
-    header = header_bytes({name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()})
+    spec = {name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()}
+    header = header_bytes(spec)
     digest = hashlib.sha256(header)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(header)
-            for name, (dtype, shape, produce) in tensors.items():
-                t = produce()
+            for name, dtype, shape, begin, end in layout(spec):
+                if name.startswith(PAD):
+                    digest.update(bytes(end - begin))
+                    f.write(bytes(end - begin))
+                    continue
+                t = tensors[name][2]()
                 if tuple(t.shape) != tuple(shape):
                     raise StreamerError(f"{path}: tensor {name!r} came out {list(t.shape)}, expected {list(shape)}")
                 flat = t.to(dtype).contiguous().reshape(-1).view(torch.uint8)

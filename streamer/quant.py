@@ -1,0 +1,77 @@
+"""Weight-only quantization, done once at split time and computed on directly with torch's CPU kernels.
+
+int8: symmetric, one scale per output row:  w ~ q * scale,           q in [-127, 127]
+int4: asymmetric, per group of `group` inputs: w ~ (q - 8) * s + z,  q in [0, 15],
+      packed by torch._convert_weight_to_int4pack_for_cpu (the layout its matmul kernel reads).
+A quantized matrix is stored as NAME (the codes) followed by NAME.scale (int8) or NAME.sz (int4:
+scales and zeros, [in / group, out, 2]); nothing is ever dequantized to a full matrix.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+SCHEMES = ("int8", "int4")
+GROUP = 64
+
+
+class Int8Weight(NamedTuple):
+    q: torch.Tensor  # [out, in] int8
+    scale: torch.Tensor  # [out] float32
+
+
+class Int4Weight(NamedTuple):
+    packed: torch.Tensor  # [out, in / 2] uint8, kernel layout
+    sz: torch.Tensor  # [in / group, out, 2] float32: scale, zero
+
+    @property
+    def group(self) -> int:
+        return 2 * self.packed.shape[1] // self.sz.shape[0]
+
+
+def int4_group(in_features: int, group: int = GROUP) -> int | None:
+    """The group size for this width, or None when int4 does not apply (the matrix stays int8)."""
+    for g in (group, 128, 64, 32):
+        if in_features % g == 0 and in_features % 2 == 0:
+            return g
+    return None
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return Int8Weight(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale)
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> Int4Weight:
+    out, inp = w.shape
+    wg = w.float().reshape(out, inp // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(out, inp)
+    zero = lo + 8 * scale
+    return Int4Weight(torch._convert_weight_to_int4pack_for_cpu(q, 1),
+                      torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
+
+
+def qlinear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ W.T on quantized codes, in x's dtype."""
+    if isinstance(w, Int8Weight):
+        return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
+    return torch._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.sz.to(x.dtype))
+
+
+def stored(name: str, shape: tuple[int, int], scheme: str):
+    """The tensors a quantized matrix is stored as: [(name, dtype, shape, pick)], pick(Int?Weight) -> tensor."""
+    out, inp = shape
+    g = int4_group(inp) if scheme == "int4" else None
+    if g is None:
+        return [(name, torch.int8, (out, inp), lambda qw: qw.q), (name + ".scale", torch.float32, (out,), lambda qw: qw.scale)]
+    return [(name, torch.uint8, (out, inp // 2), lambda qw: qw.packed),
+            (name + ".sz", torch.float32, (inp // g, out, 2), lambda qw: qw.sz)]
+
+
+def quantize(w: torch.Tensor, scheme: str):
+    g = int4_group(w.shape[1]) if scheme == "int4" else None
+    return quantize_int8(w) if g is None else quantize_int4(w, g)
