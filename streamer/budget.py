@@ -16,7 +16,7 @@ from .layout import ModelFiles
 from .stream import file_pieces, min_ring_bytes
 
 BASELINE = 224 << 20  # Python + torch + tokenizer, private, measured at setup: ~200 MiB
-RING_CAP = 1 << 30  # a ring beyond ~2 blocks' worth no longer speeds up streaming (measured: 1 GiB reads at the floor)
+RING_CAP = 1 << 30  # a ring beyond ~2 files' worth no longer speeds up streaming (measured: 1 GiB reads at the floor)
 MAX_PASS_TOKENS = 4096
 
 
@@ -117,7 +117,7 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
         resident = list(names)
         ring = 0
     else:
-        ring = min(spare, RING_CAP)
+        ring = min(spare, RING_CAP, 2 * max(sizes.values()))
         left = spare - ring
         for n in sorted(names, key=lambda n: sizes[n]):  # as many files as fit beside the ring
             if sizes[n] <= left and len(resident) < len(names) - 1:

@@ -30,12 +30,13 @@ class Int4Weight(NamedTuple):
         return 2 * self.packed.shape[1] // self.sz.shape[0]
 
 
-def int4_group(in_features: int, group: int = GROUP) -> int | None:
-    """The group size for this width, or None when int4 does not apply (the matrix stays int8)."""
-    for g in (group, 128, 64, 32):
-        if in_features % g == 0 and in_features % 2 == 0:
-            return g
-    return None
+def int4_group(shape: tuple[int, int], group: int = GROUP) -> int | None:
+    """The group size for an [out, in] matrix, or None when torch's int4 kernel cannot take it (it needs
+    out divisible by 16 and in by the group): such a matrix is stored int8 instead."""
+    out, inp = shape
+    if out % 16:
+        return None
+    return next((g for g in (group, 128, 64, 32) if inp % g == 0), None)
 
 
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
@@ -65,7 +66,7 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
 def stored(name: str, shape: tuple[int, int], scheme: str):
     """The tensors a quantized matrix is stored as: [(name, dtype, shape, pick)], pick(Int?Weight) -> tensor."""
     out, inp = shape
-    g = int4_group(inp) if scheme == "int4" else None
+    g = int4_group(shape) if scheme == "int4" else None
     if g is None:
         return [(name, torch.int8, (out, inp), lambda qw: qw.q), (name + ".scale", torch.float32, (out,), lambda qw: qw.scale)]
     return [(name, torch.uint8, (out, inp // 2), lambda qw: qw.packed),
@@ -73,5 +74,5 @@ def stored(name: str, shape: tuple[int, int], scheme: str):
 
 
 def quantize(w: torch.Tensor, scheme: str):
-    g = int4_group(w.shape[1]) if scheme == "int4" else None
+    g = int4_group(tuple(w.shape)) if scheme == "int4" else None
     return quantize_int8(w) if g is None else quantize_int4(w, g)
