@@ -31,6 +31,10 @@ def step_files(model: Path) -> list[Path]:
     return [model / block_name(i) for i in range(files.args.n_layers)] + [model / "head.safetensors"]
 
 
+def step_bytes(model: Path) -> int:
+    return sum(p.stat().st_size for p in step_files(model))
+
+
 def cold_read(paths: list[Path], readers: int, chunk: int = 16 << 20) -> dict:
     """Read every byte of `paths` with `readers` threads (pread into private buffers), dropping the pages after."""
     jobs = [(p, off) for p in paths for off in range(0, p.stat().st_size, chunk)]
@@ -112,6 +116,45 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
             "prefill_flops": block_flops(files.args, batch * prompt_len)}
 
 
+def peer_steps(kind: str, hf: Path, batch: int, steps: int, cap_bytes: int) -> dict:
+    """A peer on the same weights in HF layout: transformers + accelerate disk offload, or AirLLM 4.0.
+    Each generated token is timed through generate()'s streamer callback."""
+    import random
+    import tempfile
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    r = random.Random(0)
+    ids = torch.tensor([[128000] + [r.randrange(1000, 100000) for _ in range(15)] for _ in range(batch)])
+    t0 = time.perf_counter()
+    if kind == "hf":
+        from transformers import AutoModelForCausalLM
+        offload = tempfile.mkdtemp(prefix="bench-offload-", dir=hf.parent)
+        model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16, device_map="auto", offload_folder=offload,
+                                                     max_memory={"cpu": int(cap_bytes * 0.6)})
+    else:
+        from airllm import AutoModel
+        model = AutoModel.from_pretrained(str(hf), device="cpu", dtype=torch.bfloat16)
+    load = time.perf_counter() - t0
+    clock = Clock()
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, use_cache=True,
+                   streamer=clock, pad_token_id=0)
+    ticks = clock.t[1:]  # the first put() is the prompt itself
+    gaps = sorted(b - a for a, b in zip(ticks, ticks[1:]))
+    return {"batch": batch, "load_s": load, "prefill_s": ticks[0] - t0 if ticks else None,
+            "step_s": gaps[len(gaps) // 2] if gaps else None, "steps": gaps}
+
+
 def worker(case: str, model: Path, a) -> dict:
     torch.set_num_threads(os.cpu_count())
     from streamer.layout import ModelFiles
@@ -126,10 +169,21 @@ def worker(case: str, model: Path, a) -> dict:
         return run_steps(model, 1, 512, 1)
     if case == "longctx":
         return run_steps(model, 8, 1536, 2)
+    if case in ("int8", "int4"):
+        return run_steps(getattr(a, case), 1, 16, a.steps) | {"floor_bytes": step_bytes(getattr(a, case))}
+    if case.startswith(("hf", "airllm")):
+        kind = "hf" if case.startswith("hf") else "airllm"
+        return peer_steps(kind, a.hf, int(case.removeprefix(kind)), a.steps, a.cap_bytes)
     raise SystemExit(f"unknown case {case}")
 
 
 # --- the orchestrator ------------------------------------------------------------------------------------
+
+def _bytes(cap: str) -> int:
+    if cap == "none":
+        return int(__import__("psutil").virtual_memory().total)
+    return int(float(cap[:-1]) * 1024 ** (" KMGT".index(cap[-1].upper())))
+
 
 def drop_caches() -> None:
     subprocess.run(["sync"])
@@ -140,8 +194,13 @@ def drop_caches() -> None:
 
 
 def measure(case: str, model: Path, cap: str, a) -> dict:
-    drop_caches()
+    if not a.warm:
+        drop_caches()
     cmd = [sys.executable, __file__, str(model), "--worker", case, "--steps", str(a.steps)]
+    for opt in ("int8", "int4", "hf"):
+        if getattr(a, opt):
+            cmd += [f"--{opt}", str(getattr(a, opt))]
+    cmd += ["--cap-bytes", str(_bytes(cap))]
     if cap != "none":
         cmd = [str(MEMCAP), cap, "--"] + cmd
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -162,8 +221,13 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32,64", help="batch sizes for the `batch` case")
     p.add_argument("--steps", type=int, default=3, help="decode steps per batch case (median reported)")
     p.add_argument("--longctx-cap", default="1G")
+    p.add_argument("--int8", type=Path, help="the same model split with --quantize int8 (case int8)")
+    p.add_argument("--int4", type=Path, help="the same model split with --quantize int4 (case int4)")
+    p.add_argument("--hf", type=Path, help="the same weights in HF layout (cases hf1, hf32, airllm1: the peers)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--warm", action="store_true", help="do not drop the page cache between cases (smoke runs)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--cap-bytes", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker, a.model, a)))
@@ -214,6 +278,17 @@ def report(res: dict, a) -> str:
                      f"peak private {r['peak_private'] / 2**20:.0f} MiB") if k == "longctx" else ""
             rows.append(f"| {label} | {r['prefill_s']:.2f} s, {r['prefill_flops'] / r['prefill_s'] / 1e12:.2f} TFLOP/s{extra} | "
                         f"{floor:.2f} s (matmul) | {r['prefill_s'] / floor:.2f} |" if floor else f"| {label} | {r['prefill_s']:.2f} s | | |")
+        if k in ("int8", "int4") and "step_s" in r:
+            floor = r["floor_bytes"] / 1e9 / best_gbps if best_gbps else None
+            rows.append(f"| decode step, {k} files, batch 1 ({r['floor_bytes'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "
+                        f"{r['step_s'] / base:.2f}x the bf16 step; peak private {r['peak_private'] / 2**20:.0f} MiB | "
+                        f"{floor:.2f} s (disk) | {r['step_s'] / floor:.2f} |" if base else f"| {k} | {r['step_s']:.2f} s | | |")
+        if k.startswith(("hf", "airllm")) and r.get("step_s"):
+            who = "HF transformers + accelerate disk offload" if k.startswith("hf") else "AirLLM 4.0 (device=cpu)"
+            ours = next((x["step_s"] for kk, x in res.items() if kk == f"batch{r['batch']}" and "step_s" in x), None)
+            vs = f"; streamer bf16 is {r['step_s'] / ours:.2f}x faster" if ours else ""
+            rows.append(f"| peer: {who}, batch {r['batch']} | {r['step_s']:.2f} s/step, {r['batch'] / r['step_s']:.2f} tokens/s "
+                        f"(load {r['load_s']:.0f} s){vs} | | |")
         if "error" in r:
             rows.append(f"| {k} | failed: {r['error']} ({r['memcap']}) | | |")
     caps = f"memcap {a.cap}" + (f", longctx under memcap {a.longctx_cap}" if "longctx" in res else "")

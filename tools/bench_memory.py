@@ -25,8 +25,12 @@ def mib(size: str) -> int:
     return 0 if size == "none" else int(float(size[:-1]) * (1024 if size[-1] in "gG" else 1))
 
 
+WARM = False  # --warm: keep the page cache between runs (smoke tests)
+
+
 def run(cmd: list[str], cap: str) -> dict:
-    drop_caches()
+    if not WARM:
+        drop_caches()
     full = cmd if cap == "none" else [str(MEMCAP), cap, "--"] + cmd
     t0 = time.perf_counter()
     r = subprocess.run(full, capture_output=True, text=True)
@@ -96,9 +100,12 @@ def main() -> None:
     p.add_argument("--budgets", default="512M,4G,8G,20G", help="--memory-budget values, each under a memcap of the same size")
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--skip-split", action="store_true")
+    p.add_argument("--warm", action="store_true", help="do not drop the page cache between runs (smoke runs)")
     p.add_argument("--out", type=Path, default=Path("bench_memory.md"))
     p.add_argument("--plot", type=Path, default=Path("bench_memory.png"))
     a = p.parse_args()
+    global WARM
+    WARM = a.warm
     work = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=a.model.parent))
     caps = a.caps.split(",")
     res = {"split": [], "generate": [], "budget": []}
@@ -117,7 +124,7 @@ def main() -> None:
                 continue
             fail = [mib(r["cap"]) for r in rows if not r["ok"] and mib(r["cap"]) < min(ok)]
             smallest[kind] = bisect(probe, max(fail) if fail else 64, min(ok))
-        for b in a.budgets.split(","):
+        for b in filter(None, a.budgets.split(",")):
             res["budget"].append(row(b, run(gen_cmd(a.model, a.new_tokens, b), b)))
             print(f"budget {b}: {res['budget'][-1]}", file=sys.stderr)
     finally:
