@@ -31,10 +31,31 @@ def hf_name(meta: str) -> str:
     return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}" if m else _TOP[meta]
 
 
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved RoPE pairs -> HF's rotate-half row order (convert_llama_weights_to_hf.py)."""
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF's rotate-half row order back to Meta's interleaved pairs (inverse of convert_llama_weights_to_hf)."""
     d1, d2 = w.shape
     return w.view(n_heads, 2, d1 // n_heads // 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def config_from_args(a: ModelArgs, dtype: torch.dtype) -> dict:
+    """A transformers LlamaForCausalLM config.json for these args."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+           "intermediate_size": a.ffn_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
+           "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
+           "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len,
+           "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+           "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if a.use_scaled_rope:
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": a.rope_scale_factor, "low_freq_factor": a.rope_low_freq_factor,
+                               "high_freq_factor": a.rope_high_freq_factor,
+                               "original_max_position_embeddings": a.rope_original_max_pos}
+    return cfg
 
 
 def args_from_config(cfg: dict, source: str) -> ModelArgs:

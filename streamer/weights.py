@@ -66,12 +66,12 @@ TENSOR_ALIGN = 64  # every tensor starts on a 64-byte boundary: CPU kernels (int
 PAD = "__pad."  # byte tensors that fill the gaps, since safetensors allows no holes; readers skip them
 
 
-def layout(tensors: dict[str, tuple[torch.dtype, tuple]]) -> list[tuple[str, torch.dtype, tuple, int, int]]:
+def layout(tensors: dict[str, tuple[torch.dtype, tuple]], align: int = TENSOR_ALIGN) -> list[tuple[str, torch.dtype, tuple, int, int]]:
     """(name, dtype, shape, begin, end) in file order, with padding entries wherever alignment needs them."""
     out, offset = [], 0
     for name, (dtype, shape) in tensors.items():
-        if offset % TENSOR_ALIGN:
-            gap = -offset % TENSOR_ALIGN
+        if offset % align:
+            gap = -offset % align
             out.append((f"{PAD}{len(out)}", torch.uint8, (gap,), offset, offset + gap))
             offset += gap
         nbytes = torch.Size(shape).numel() * dtype.itemsize
@@ -80,9 +80,9 @@ def layout(tensors: dict[str, tuple[torch.dtype, tuple]]) -> list[tuple[str, tor
     return out
 
 
-def header_bytes(tensors: dict[str, tuple[torch.dtype, tuple]]) -> bytes:
+def header_bytes(tensors: dict[str, tuple[torch.dtype, tuple]], align: int = TENSOR_ALIGN) -> bytes:
     """The safetensors header; the data that follows starts on a TENSOR_ALIGN boundary."""
-    meta = {n: {"dtype": DTYPE_NAMES[dt], "shape": list(s), "data_offsets": [b, e]} for n, dt, s, b, e in layout(tensors)}
+    meta = {n: {"dtype": DTYPE_NAMES[dt], "shape": list(s), "data_offsets": [b, e]} for n, dt, s, b, e in layout(tensors, align)}
     raw = json.dumps(meta, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % TENSOR_ALIGN)
     return struct.pack("<Q", len(raw)) + raw
@@ -92,17 +92,18 @@ def file_size_for(tensors: dict[str, tuple[torch.dtype, tuple]]) -> int:
     return len(header_bytes(tensors)) + layout(tensors)[-1][4]
 
 
-def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple, Callable[[], torch.Tensor]]]) -> tuple[int, str]:
+def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple, Callable[[], torch.Tensor]]],
+                      align: int = TENSOR_ALIGN) -> tuple[int, str]:
     """Stream tensors into `path` atomically, producing each one only when it is written, so memory holds
-    one tensor at a time. Returns (size, sha256)."""
+    one tensor at a time. Returns (size, sha256). align=1 writes no padding (files for other tools)."""
     spec = {name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()}
-    header = header_bytes(spec)
+    header = header_bytes(spec, align)
     digest = hashlib.sha256(header)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(header)
-            for name, dtype, shape, begin, end in layout(spec):
+            for name, dtype, shape, begin, end in layout(spec, align):
                 if name.startswith(PAD):
                     digest.update(bytes(end - begin))
                     f.write(bytes(end - begin))

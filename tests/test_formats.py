@@ -111,3 +111,22 @@ def test_info(tmp_path):
     j = json.loads(subprocess.run([sys.executable, "-m", "streamer", "info", tmp_path / "layers", "--json"],
                                   capture_output=True, text=True).stdout)
     assert j["rope_scaling"]["factor"] == 8.0 and j["dtype"] == "float32" and j["bytes_total"] > j["bytes_per_block"]
+
+
+def test_meta_to_hf_tool_round_trips(tmp_path):
+    """tools/meta_to_hf.py (the peers' input in bench.py) gives a folder HF loads and streamer splits identically."""
+    from transformers import LlamaForCausalLM
+    meta = write_checkpoint(tmp_path / "meta", SCALED, torch.float32, tokenizer=False)
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "meta_to_hf.py")
+    subprocess.run([sys.executable, tool, meta, tmp_path / "hf"], check=True, capture_output=True)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    split(meta, tmp_path / "a", progress=False)
+    split(tmp_path / "hf", tmp_path / "b", progress=False)
+    for f in json.loads((tmp_path / "a" / MANIFEST).read_text())["files"]:
+        if f["name"].endswith(".safetensors"):
+            assert (tmp_path / "a" / f["name"]).read_bytes() == (tmp_path / "b" / f["name"]).read_bytes()
+    files = ModelFiles(tmp_path / "a")
+    with Runner(files, torch.float32) as runner:
+        got = torch.log_softmax(runner.forward([(0, PROMPT)], MemoryKVCache(files.args, 1, len(PROMPT), torch.float32))[0], -1)
+    with torch.no_grad():
+        assert_logprobs_close(got, torch.log_softmax(model(torch.tensor([PROMPT])).logits[0, -1].float(), -1))
