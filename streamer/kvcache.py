@@ -48,7 +48,7 @@ class KVCache:
         """Block i's cache for the pass's sequences (slot, start, end): a tensor [2, len(seqs), max end,
         KV, hd] holding positions [0, start) of each; the block writes [start, end), saved on exit."""
         shape = (2, len(seqs), max(e for _, _, e in seqs), self.args.n_kv_heads, self.args.head_dim)
-        kv = torch.zeros(shape, dtype=self.dtype)
+        kv = torch.empty(shape, dtype=self.dtype)  # rows past a sequence's end are never read
         for row, (slot, start, _) in enumerate(seqs):
             if start:
                 self._read(i, slot, start, kv[:, row, :start])
@@ -175,10 +175,9 @@ class DiskKVCache(KVCache):
     def _read(self, i, slot, end, out):
         fd = self._fd(i)
         for kv in (0, 1):
-            buf = out[kv].contiguous().view(-1).view(torch.uint8).numpy()
+            buf = out[kv].view(-1).view(torch.uint8).numpy()  # a contiguous row of the slice: read in place
             if os.preadv(fd, [buf], self._offset(kv, slot, 0)) != buf.nbytes:
                 raise StreamerError(f"{self._path(i)}: KV cache file is shorter than its header says")
-            out[kv] = torch.from_numpy(buf).view(self.dtype).view(out[kv].shape)
 
     def _write(self, i, slot, start, new):
         fd = self._fd(i)

@@ -37,9 +37,10 @@ class Runner:
         self.monitor = monitor
         self.io = IOStats()
         self.max_pass_tokens = max_pass_tokens
-        self.pieces = {n: file_pieces(files.folder / n, files.headers[n]) for n in files.step_files()}
+        self.names = files.step_files()  # blocks, then the head
+        self.pieces = {n: file_pieces(files.folder / n, files.headers[n]) for n in self.names}
         self.resident = {n: ResidentFile(files.folder / n, self.pieces[n]) for n in resident}
-        streamed = [n for n in files.step_files() if n not in self.resident]
+        streamed = [n for n in self.names if n not in self.resident]
         self.stream = (WeightStream([(files.folder / n, self.pieces[n]) for n in streamed], ring_bytes, readers)
                        if streamed else None)
         self.streamed_bytes = sum(files.files[n]["bytes"] for n in streamed)
@@ -80,7 +81,7 @@ class Runner:
         x = self._embed(ids)  # [N, dim]
         rot = model.rope_rotations(self.freqs, torch.tensor(positions))  # [N, hd/2]
         for i in range(self.args.n_layers):
-            w = self._file(self.files.step_files()[i])
+            w = self._file(self.names[i])
             with cache.layer(i, spans) as kv:
                 x = model.block(x, w, rot, kv, seqs, self.args)
             w.done()
