@@ -88,8 +88,10 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
     import random
     from streamer import DiskKVCache, ModelFiles, Runner
     from streamer.memory import MemoryMonitor
+    from streamer.budget import plan
     files = ModelFiles(model)
     monitor = MemoryMonitor()
+    runner_kw = runner_kw or plan(files, None, batch, prompt_len + steps + 1).runner_kwargs()  # as the CLI plans it
     runner = Runner(files, dtype, monitor, **runner_kw)
     cache = DiskKVCache(files.args, batch, prompt_len + steps + 1, dtype, files.manifest_sha256)
     r = random.Random(0)
@@ -136,7 +138,10 @@ def peer_steps(kind: str, hf: Path, batch: int, steps: int, cap_bytes: int) -> d
     r = random.Random(0)
     ids = torch.tensor([[128000] + [r.randrange(1000, 100000) for _ in range(15)] for _ in range(batch)])
     t0 = time.perf_counter()
-    if kind == "hf":
+    if kind == "hfram":  # the all-in-RAM reference: plain transformers, no offload
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16)
+    elif kind == "hf":
         from transformers import AutoModelForCausalLM
         offload = tempfile.mkdtemp(prefix="bench-offload-", dir=hf.parent)
         model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16, device_map="auto", offload_folder=offload,
@@ -172,7 +177,7 @@ def worker(case: str, model: Path, a) -> dict:
     if case in ("int8", "int4"):
         return run_steps(getattr(a, case), 1, 16, a.steps) | {"floor_bytes": step_bytes(getattr(a, case))}
     if case.startswith(("hf", "airllm")):
-        kind = "hf" if case.startswith("hf") else "airllm"
+        kind = next(k for k in ("hfram", "hf", "airllm") if case.startswith(k))
         return peer_steps(kind, a.hf, int(case.removeprefix(kind)), a.steps, a.cap_bytes)
     raise SystemExit(f"unknown case {case}")
 
@@ -279,12 +284,13 @@ def report(res: dict, a) -> str:
             rows.append(f"| {label} | {r['prefill_s']:.2f} s, {r['prefill_flops'] / r['prefill_s'] / 1e12:.2f} TFLOP/s{extra} | "
                         f"{floor:.2f} s (matmul) | {r['prefill_s'] / floor:.2f} |" if floor else f"| {label} | {r['prefill_s']:.2f} s | | |")
         if k in ("int8", "int4") and "step_s" in r:
-            floor = r["floor_bytes"] / 1e9 / best_gbps if best_gbps else None
-            rows.append(f"| decode step, {k} files, batch 1 ({r['floor_bytes'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "
+            floor = r["bytes_per_step"] / 1e9 / best_gbps if best_gbps else None
+            rows.append(f"| decode step, {k} files, batch 1 ({r['bytes_per_step'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "
                         f"{r['step_s'] / base:.2f}x the bf16 step; peak private {r['peak_private'] / 2**20:.0f} MiB | "
                         f"{floor:.2f} s (disk) | {r['step_s'] / floor:.2f} |" if base else f"| {k} | {r['step_s']:.2f} s | | |")
         if k.startswith(("hf", "airllm")) and r.get("step_s"):
-            who = "HF transformers + accelerate disk offload" if k.startswith("hf") else "AirLLM 4.0 (device=cpu)"
+            who = ("HF transformers, all in RAM (no cap)" if k.startswith("hfram") else
+                   "HF transformers + accelerate disk offload" if k.startswith("hf") else "AirLLM 4.0 (device=cpu)")
             ours = next((x["step_s"] for kk, x in res.items() if kk == f"batch{r['batch']}" and "step_s" in x), None)
             vs = f"; streamer bf16 is {r['step_s'] / ours:.2f}x faster" if ours else ""
             rows.append(f"| peer: {who}, batch {r['batch']} | {r['step_s']:.2f} s/step, {r['batch'] / r['step_s']:.2f} tokens/s "
