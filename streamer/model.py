@@ -107,6 +107,8 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
     quantized weights go straight to their kernels."""
     if not isinstance(weight, torch.Tensor):
         return qlinear(x, weight)
+    if x.shape[0] == 1:  # one row (batch-1 decode): torch.mv streams the weights ~2x faster than linear here
+        return torch.mv(weight.to(x.dtype), x[0])[None]
     return F.linear(x, weight.to(x.dtype))
 
 
