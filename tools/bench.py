@@ -118,7 +118,7 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
             "prefill_flops": block_flops(files.args, batch * prompt_len)}
 
 
-def peer_steps(kind: str, hf: Path, batch: int, steps: int, cap_bytes: int) -> dict:
+def peer_steps(kind: str, hf: Path, batch: int, steps: int, cap_bytes: int, prompt_len: int = 16) -> dict:
     """A peer on the same weights in HF layout: transformers + accelerate disk offload, or AirLLM 4.0.
     Each generated token is timed through generate()'s streamer callback."""
     import random
@@ -136,7 +136,7 @@ def peer_steps(kind: str, hf: Path, batch: int, steps: int, cap_bytes: int) -> d
             pass
 
     r = random.Random(0)
-    ids = torch.tensor([[128000] + [r.randrange(1000, 100000) for _ in range(15)] for _ in range(batch)])
+    ids = torch.tensor([[128000] + [r.randrange(1000, 100000) for _ in range(prompt_len - 1)] for _ in range(batch)])
     t0 = time.perf_counter()
     if kind == "hfram":  # the all-in-RAM reference: plain transformers, no offload
         from transformers import AutoModelForCausalLM
@@ -176,6 +176,8 @@ def worker(case: str, model: Path, a) -> dict:
         return run_steps(model, 8, 1536, 2)
     if case in ("int8", "int4"):
         return run_steps(getattr(a, case), 1, 16, a.steps) | {"floor_bytes": step_bytes(getattr(a, case))}
+    if case == "hflongctx":  # the long-context job (8 x 1536) through HF + accelerate offload
+        return peer_steps("hf", a.hf, 8, 1, a.cap_bytes, prompt_len=1536)
     if case.startswith(("hf", "airllm")):
         kind = next(k for k in ("hfram", "hf", "airllm") if case.startswith(k))
         return peer_steps(kind, a.hf, int(case.removeprefix(kind)), a.steps, a.cap_bytes)
@@ -246,7 +248,7 @@ def main() -> None:
     else:
         cases = [x for c in cases for x in (["floor1", "floor4"] if c == "floor" else [c])]
     for c in cases:
-        res[c] = measure(c, a.model, a.longctx_cap if c == "longctx" else a.cap, a)
+        res[c] = measure(c, a.model, a.longctx_cap if c in ("longctx", "hflongctx") else a.cap, a)
         print(f"{c}: {json.dumps(res[c])}", file=sys.stderr)
     table = report(res, a)
     print(table)
