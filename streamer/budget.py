@@ -13,11 +13,11 @@ import psutil
 
 from .errors import StreamerError
 from .layout import ModelFiles
+from .runner import MAX_PASS_TOKENS
 from .stream import file_pieces, min_ring_bytes
 
 BASELINE = 224 << 20  # Python + torch + tokenizer, private, measured at setup: ~200 MiB
 RING_CAP = 1 << 30  # a ring beyond ~2 files' worth no longer speeds up streaming (measured: 1 GiB reads at the floor)
-MAX_PASS_TOKENS = 4096
 
 
 def parse_size(text: str) -> int:

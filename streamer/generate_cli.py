@@ -86,17 +86,17 @@ def run(args) -> dict:
     if not args.json:
         print(flush=True)
     tokens = [s.token for s in steps]
-    n_layers_read = runner.io.bytes_read
+    bytes_read = runner.io.bytes_read
     result = {
         "prompt_ids": ids, "tokens": tokens, "text": tok.decode(tokens) if tok else None,
         "logprobs": [s.logprob for s in steps], "top_logprobs": [s.top for s in steps] if args.logprobs else None,
         "finish_reason": steps[-1].finish_reason,
         "stats": {"dtype": str(dtype).removeprefix("torch."), "prompt_tokens": len(ids), "reused_prompt_tokens": stats.reused_tokens,
                   "prefill_s": stats.prefill_s, "decode_s_per_token": stats.decode_s_per_token,
-                  "bytes_read": n_layers_read, "memory": report.as_dict()},
+                  "bytes_read": bytes_read, "memory": report.as_dict()},
     }
     line = (f"prefill {stats.prefill_s:.2f} s ({len(ids) - stats.reused_tokens} tokens), "
-            f"decode {stats.decode_s_per_token:.3f} s/token, read {n_layers_read / 1e9:.2f} GB; {report.summary()}")
+            f"decode {stats.decode_s_per_token:.3f} s/token, read {bytes_read / 1e9:.2f} GB; {report.summary()}")
     print(line, file=sys.stderr)
     if args.memory_report:
         print(report.table(), file=sys.stderr)
