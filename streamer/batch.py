@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from .budget import parse_size, plan
 from .errors import StreamerError
 from .generate import Sampler, SamplingParams, check_prompt

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,7 @@ import torch
 from . import quant
 from .args import ModelArgs
 from .errors import StreamerError
-from .weights import PAD, read_header
+from .weights import PAD, read_header, write_atomic
 
 FORMAT = "streamer-split"
 FORMAT_VERSION = 1
@@ -122,12 +121,7 @@ def _plan(args: ModelArgs) -> list[tuple[str, list[Entry]]]:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 def read_manifest(folder: Path) -> tuple[dict, bytes]:
@@ -151,6 +145,18 @@ def read_manifest(folder: Path) -> tuple[dict, bytes]:
     return manifest, raw
 
 
+def check_file(path: Path, expected_bytes: int):
+    """A file the manifest lists: present, of the recorded size, and (safetensors) with a sound header,
+    which is returned."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise StreamerError(f"{path}: missing (run `streamer verify {path.parent}`)") from None
+    if size != expected_bytes:
+        raise StreamerError(f"{path}: is {size} bytes, the manifest says {expected_bytes} (truncated or replaced)")
+    return read_header(path, size) if path.suffix == ".safetensors" else None
+
+
 class ModelFiles:
     """A split model folder opened for reading: manifest, args, and every weight file's checked header.
     Nothing is ever written into it."""
@@ -170,17 +176,11 @@ class ModelFiles:
 
     def _check(self, name: str, tensors: list[str]):
         """Size and header checks, so a truncated file is refused by name before any compute."""
-        path = self.folder / name
         entry = self.files.get(name)
         if entry is None:
             raise StreamerError(f"{self.folder / MANIFEST}: does not list {name}")
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise StreamerError(f"{path}: missing (run `streamer verify {self.folder}`)") from None
-        if size != entry["bytes"]:
-            raise StreamerError(f"{path}: is {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
-        header = read_header(path, size)
+        path = self.folder / name
+        header = check_file(path, entry["bytes"])
         if [n for n in sorted(header[0], key=lambda n: header[0][n][2]) if not n.startswith(PAD)] != tensors:
             raise StreamerError(f"{path}: holds other tensors than this streamer's layout (split again with `streamer split`)")
         return header

@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from .checkpoint import infer_rope_factor, open_source
 from .errors import StreamerError
 from .quant import SCHEMES
 from .layout import FORMAT, FORMAT_VERSION, LAYOUT, MANIFEST, file_plan, write_json_atomic
-from .weights import drop_cache, file_size_for, sha256_file, write_safetensors
+from .weights import drop_cache, file_size_for, sha256_file, write_atomic, write_safetensors
 
 PARTIAL = ".manifest.partial.json"  # what an interrupted split had finished; a rerun keeps those files
 DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,7 +64,7 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True,
         print(ckpt.missing_tokenizer_hint(), file=sys.stderr)
     for name, data in extras.items():
         try:
-            _write_atomic(dst / name, data)
+            write_atomic(dst / name, data)
         except OSError as e:
             raise StreamerError(f"{dst / name}: write failed ({e.strerror})") from None
         done[name] = {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -98,15 +97,6 @@ def _check_space(dst: Path, needed: int) -> None:
     free = shutil.disk_usage(dst).free
     if needed > free:
         raise StreamerError(f"{dst}: not enough disk space: the split needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _choose_rope_factor(ckpt, given: float | None) -> None:

@@ -83,7 +83,6 @@ class WeightStream:
     def __init__(self, files: list[tuple[Path, list[Piece]]], ring_bytes: int, readers: int = 4, direct: bool = True):
         self.paths = [p for p, _ in files]
         self.order = [Piece(i, q.name, q.dtype, q.shape, q.offset, q.nbytes) for i, (_, ps) in enumerate(files) for q in ps]
-        biggest = max((q.span[1] - q.span[0] for q in self.order), default=0)
         self.size = max(int(ring_bytes) // ALIGN * ALIGN, min_ring_bytes(self.order))
         # private anonymous memory, page aligned as O_DIRECT needs
         self.ring = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -94,7 +93,6 @@ class WeightStream:
         self.pool = ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix="streamer-read")
         self.cond = threading.Condition()
         self.slots: list[_Slot] = []  # allocated and not yet released, oldest first
-        self.next_take = 0  # sequence number the consumer takes next
         self.taken: list[_Slot] = []
         self._planned = 0
         self._stop = False
@@ -201,6 +199,10 @@ class FileView:
         every = [p.name for p in pieces]
         self.companions = {n: c for n in every for c in (n + ".scale", n + ".sz") if c in every}
         self.names = [n for n in every if not n.endswith((".scale", ".sz"))]
+        self.pieced: dict[str, list[str]] = {}  # "wqkv" -> ["wqkv.0", "wqkv.1", ...]
+        for n in self.names:
+            self.pieced.setdefault(n.rsplit(".", 1)[0], []).append(n)
+        self.ffn = sorted({n.rsplit(".", 1)[0] for n in self.names if n.startswith("ffn.")}, key=lambda g: int(g.split(".")[1]))
 
     def _weight(self, name: str):
         """A tensor, or quantized codes with their scales (quant.py)."""
@@ -212,10 +214,9 @@ class FileView:
 
     def __getitem__(self, name: str):
         if name == "ffn":
-            return self._group(sorted({n.rsplit(".", 1)[0] for n in self.names if n.startswith("ffn.")},
-                                      key=lambda g: int(g.split(".")[1])), (".w1", ".w3", ".w2"))
-        if name not in self.names:
-            return self._group([n for n in self.names if n.rsplit(".", 1)[0] == name], ("",))
+            return self._group(self.ffn, (".w1", ".w3", ".w2"))
+        if name in self.pieced and name not in self.names:
+            return self._group(self.pieced[name], ("",))
         self._release()
         return self._weight(name)
 

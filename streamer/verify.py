@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from .errors import StreamerError
-from .layout import ModelFiles, read_manifest
-from .weights import read_header, sha256_file
+from .layout import ModelFiles, check_file, read_manifest
+from .weights import sha256_file
 
 
 def verify(folder: Path, full: bool = False, progress: bool = False) -> int:
@@ -18,13 +18,7 @@ def verify(folder: Path, full: bool = False, progress: bool = False) -> int:
     manifest, _ = read_manifest(folder)
     for entry in manifest["files"]:
         path = folder / entry["name"]
-        if not path.is_file():
-            raise StreamerError(f"{path}: missing")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise StreamerError(f"{path}: is {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
-        if path.suffix == ".safetensors":
-            read_header(path, size)
+        check_file(path, entry["bytes"])
         if full:
             if progress:
                 print(f"sha256 {entry['name']}", file=sys.stderr)

@@ -128,6 +128,20 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple, C
     return size, digest.hexdigest()
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to NAME.tmp, fsync, rename over `path`: readers see the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def drop_cache(fd: int) -> None:
     """Ask the kernel to drop this file's clean pages from the page cache (dirty ones start writeback)."""
     try:
