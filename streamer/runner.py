@@ -114,6 +114,7 @@ class Runner:
         if self.stream:
             self.stream.close()
             self.stream = None
+        self.resident = {}
         os.close(self._emb[0])
 
     def __enter__(self):

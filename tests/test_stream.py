@@ -4,6 +4,7 @@ import torch
 
 from conftest import GQA, assert_logprobs_close, make_split, stream
 from streamer import ModelFiles
+from streamer.memory import rss_parts
 from streamer.runner import _passes
 from streamer.stream import WeightStream, file_pieces, min_ring_bytes
 
@@ -51,6 +52,18 @@ def test_ring_is_bounded_and_reads_in_order(folder):
             s.take("wo")
     finally:
         s.close()
+
+
+def test_ring_memory_is_taken_up_front_and_given_back_on_close(folder):
+    files = ModelFiles(folder)
+    pieces = [(folder / n, file_pieces(folder / n, files.headers[n])) for n in files.step_files()]
+    before = rss_parts()["private"]
+    s = WeightStream(pieces, 64 << 20, readers=2)
+    held = rss_parts()["private"] - before  # touched at creation, so the first step pays no page faults
+    view = s.take(s.order[0].name)  # a tensor still viewing the ring does not keep its memory alive
+    s.close()
+    assert held > 60 << 20 and rss_parts()["private"] - before < 8 << 20
+    assert view.numel() > 0
 
 
 def test_passes_split_long_chunks():
