@@ -27,20 +27,25 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
 
 
-def cgroup_limit() -> int | None:
-    """This process's memory cgroup limit (v1 or v2), if any."""
+def cgroup_limit_files() -> list[Path]:
+    """The files holding this process's memory cgroup limit (cgroup v1 or v2)."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
-        return None
+        return []
+    found = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "memory":
-            f = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+            found.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes")
         elif controllers == "":
-            f = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
-        else:
-            continue
+            found.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max")
+    return [f for f in found if f.exists()]
+
+
+def cgroup_limit() -> int | None:
+    """This process's memory cgroup limit, if any."""
+    for f in cgroup_limit_files():
         try:
             raw = f.read_text().strip()
         except OSError:
@@ -101,7 +106,7 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
     a = files.args
     kv_mapped = 2 * batch * context * a.n_kv_heads * a.head_dim * 2  # one block's cache, mapped while it runs
     room = budget - BASELINE - kv_mapped
-    tokens = MAX_PASS_TOKENS
+    tokens = min(MAX_PASS_TOKENS, batch * context)  # a pass never holds more than every sequence's whole context
     while tokens > batch and activation_bytes(files, tokens, batch, context) > max(room - ring_min, 0) / 2:
         tokens //= 2
     tokens = max(tokens, batch)

@@ -37,6 +37,15 @@ def test_plan_splits_the_budget(folder):
         plan(files, 100 << 20)
 
 
+def test_short_runs_give_the_ring_what_long_prompts_would_take(folder):
+    files = ModelFiles(folder)
+    budget = BASELINE + (200 << 20)
+    short, long = plan(files, budget, batch=1, context=80), plan(files, budget, batch=1, context=8192)
+    assert short.max_pass_tokens == 80  # a pass never needs more rows than the whole context
+    assert short.activations < long.activations and short.ring_bytes >= long.ring_bytes
+    assert plan(files, budget, batch=4, context=80).max_pass_tokens == 320
+
+
 def test_plan_command(folder):
     r = subprocess.run([sys.executable, "-m", "streamer", "plan", folder, "--memory", "8G", "--disk-gbps", "2"],
                        capture_output=True, text=True)
