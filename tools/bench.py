@@ -4,12 +4,15 @@
 
 Each case runs in its own process inside ../shared/tools/memcap and prints one JSON line; this script
 gathers them into one table: case, measured time, floor, time / floor. Floors are measured in the same
-run: the cold read of the same bytes (1 and 4 parallel readers, best of both) and the bf16 matmul rate.
+run: the cold read of the same bytes and the bf16 matmul rate. Decode steps are paired by default: before
+each step the same bytes are read cold three ways (1 reader, 4 readers, 4 with O_DIRECT) and the step is
+compared with the fastest, because this disk's speed drifts by 20% within minutes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -35,22 +38,25 @@ def step_bytes(model: Path) -> int:
     return sum(p.stat().st_size for p in step_files(model))
 
 
-def cold_read(paths: list[Path], readers: int, chunk: int = 16 << 20) -> dict:
-    """Read every byte of `paths` with `readers` threads (pread into private buffers), dropping the pages after."""
+def cold_read(paths: list[Path], readers: int, chunk: int = 16 << 20, direct: bool = False) -> dict:
+    """Read every byte of `paths` with `readers` threads into private buffers: buffered preads whose pages are
+    dropped after, or O_DIRECT preads (no page cache at all)."""
     jobs = [(p, off) for p in paths for off in range(0, p.stat().st_size, chunk)]
     lock, total = threading.Lock(), sum(p.stat().st_size for p in paths)
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
 
     def work():
-        buf = bytearray(chunk)
+        buf = mmap.mmap(-1, chunk)  # page aligned, as O_DIRECT needs
         fds = {}
         while True:
             with lock:
                 if not jobs:
                     break
                 path, off = jobs.pop(0)
-            fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
+            fd = fds.get(path) or fds.setdefault(path, os.open(path, flags))
             n = os.preadv(fd, [buf], off)
-            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+            if not direct:
+                os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
         for fd in fds.values():
             os.close(fd)
 
@@ -62,6 +68,16 @@ def cold_read(paths: list[Path], readers: int, chunk: int = 16 << 20) -> dict:
         t.join()
     secs = time.perf_counter() - t0
     return {"bytes": total, "seconds": secs, "gbps": total / secs / 1e9}
+
+
+FLOOR_READS = {"1 reader": (1, False), "4 readers": (4, False), "4 readers, O_DIRECT": (4, True)}
+
+
+def floor_read(paths: list[Path]) -> dict:
+    """The fastest of the cold-read strategies over `paths`, each measured now."""
+    runs = {k: cold_read(paths, n, direct=d)["seconds"] for k, (n, d) in FLOOR_READS.items()}
+    best = min(runs, key=runs.get)
+    return {"seconds": runs[best], "how": best, "all": runs}
 
 
 def matmul_rate(dim: int, ffn: int, rows: int, reps: int = 5) -> float:
@@ -83,8 +99,14 @@ def block_flops(args, tokens: int) -> float:
     return per_token * tokens
 
 
-def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.bfloat16, **runner_kw) -> dict:
-    """Prefill `batch` random prompts of `prompt_len` tokens together, then `steps` decode steps."""
+def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.bfloat16, paired: bool = False,
+              **runner_kw) -> dict:
+    """Prefill `batch` random prompts of `prompt_len` tokens together, then `steps` decode steps.
+
+    paired: before each step, measure the disk floor (floor_read of the bytes a step reads), then time the step
+    on a fresh runner, whose ring starts empty. The disk's speed drifts by 20% within minutes here, so a step
+    is compared with the floor measured just before it; the fresh runner forgoes the read-ahead a step
+    normally gets from the one before, so the ratio errs against us."""
     import random
     from streamer import DiskKVCache, ModelFiles, Runner
     from streamer.memory import MemoryMonitor
@@ -93,6 +115,7 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
     monitor = MemoryMonitor()
     runner_kw = runner_kw or plan(files, None, batch, prompt_len + steps + 1).runner_kwargs()  # as the CLI plans it
     runner = Runner(files, dtype, monitor, **runner_kw)
+    streamed = [model / n for n in files.step_files() if n not in runner.resident]
     cache = DiskKVCache(files.args, batch, prompt_len + steps + 1, dtype, files.manifest_sha256)
     r = random.Random(0)
     chunks = [(s, [128000] + [r.randrange(1000, 100000) for _ in range(prompt_len - 1)]) for s in range(batch)]
@@ -101,21 +124,31 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
     t0 = time.perf_counter()
     logits = runner.forward(chunks, cache, phase="prefill")
     prefill = time.perf_counter() - t0
-    times, read0 = [], runner.io.bytes_read
+    times, floors, nbytes = [], [], 0
     for _ in range(steps):
         nxt = [(s, [int(logits[i].argmax())]) for i, (s, _) in enumerate(chunks)]
+        if paired:
+            runner.close()
+            runner = None  # its resident blocks go before the next runner loads its own
+            floors.append(floor_read(streamed))
+            runner = Runner(files, dtype, monitor, **runner_kw)
+        read0 = runner.io.bytes_read
         t0 = time.perf_counter()
         logits = runner.forward(nxt, cache, phase="decode")
         times.append(time.perf_counter() - t0)
+        nbytes = runner.io.bytes_read - read0
     kv_disk = sum(p.stat().st_blocks * 512 for p in cache.dir.glob("*.kv"))
     runner.close()
     cache.close()
     mem = monitor.stop()
-    times.sort()
-    return {"batch": batch, "prompt_len": prompt_len, "prefill_s": prefill, "step_s": times[len(times) // 2],
-            "steps": times, "bytes_per_step": (runner.io.bytes_read - read0) / max(steps, 1),
-            "kv_bytes_on_disk": kv_disk, "peak_private": mem.peak["private"], "peak_rss": mem.peak["rss"],
-            "prefill_flops": block_flops(files.args, batch * prompt_len)}
+    out = {"batch": batch, "prompt_len": prompt_len, "prefill_s": prefill, "step_s": sorted(times)[len(times) // 2],
+           "steps": times, "bytes_per_step": nbytes, "kv_bytes_on_disk": kv_disk, "peak_private": mem.peak["private"],
+           "peak_rss": mem.peak["rss"], "prefill_flops": block_flops(files.args, batch * prompt_len)}
+    if floors:
+        ratios = sorted(t / f["seconds"] for t, f in zip(times, floors))
+        out |= {"floors": floors, "paired_floor_s": sorted(f["seconds"] for f in floors)[len(floors) // 2],
+                "paired_ratio": ratios[len(ratios) // 2], "paired_ratios": ratios}
+    return out
 
 
 def peer_steps(kind: str, hf: Path, batch: int, steps: int, cap_bytes: int, prompt_len: int = 16) -> dict:
@@ -169,13 +202,13 @@ def worker(case: str, model: Path, a) -> dict:
     if case == "matmul":
         return {"decode_flops": matmul_rate(args.dim, args.ffn_dim, 1), "prefill_flops": matmul_rate(args.dim, args.ffn_dim, 512)}
     if case.startswith("batch"):
-        return run_steps(model, int(case.removeprefix("batch")), 16, a.steps)
+        return run_steps(model, int(case.removeprefix("batch")), 16, a.steps, paired=a.paired)
     if case == "prefill":
         return run_steps(model, 1, 512, 1)
     if case == "longctx":
         return run_steps(model, 8, 1536, 2)
     if case in ("int8", "int4"):
-        return run_steps(getattr(a, case), 1, 16, a.steps) | {"floor_bytes": step_bytes(getattr(a, case))}
+        return run_steps(getattr(a, case), 1, 16, a.steps, paired=a.paired) | {"floor_bytes": step_bytes(getattr(a, case))}
     if case == "hflongctx":  # the long-context job (8 x 1536) through HF + accelerate offload
         return peer_steps("hf", a.hf, 8, 1, a.cap_bytes, prompt_len=1536)
     if case.startswith(("hf", "airllm")):
@@ -204,6 +237,7 @@ def measure(case: str, model: Path, cap: str, a) -> dict:
     if not a.warm:
         drop_caches()
     cmd = [sys.executable, __file__, str(model), "--worker", case, "--steps", str(a.steps)]
+    cmd += ["--paired" if a.paired else "--no-paired"]
     for opt in ("int8", "int4", "hf"):
         if getattr(a, opt):
             cmd += [f"--{opt}", str(getattr(a, opt))]
@@ -232,6 +266,8 @@ def main() -> None:
     p.add_argument("--int4", type=Path, help="the same model split with --quantize int4 (case int4)")
     p.add_argument("--hf", type=Path, help="the same weights in HF layout (cases hf1, hf32, airllm1: the peers)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the disk floor before every decode step and compare each step with its own floor")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache between cases (smoke runs)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--cap-bytes", type=int, default=0, help=argparse.SUPPRESS)
@@ -256,6 +292,19 @@ def main() -> None:
         a.out.write_text(table + "\n\n<details><summary>raw</summary>\n\n```\n" + json.dumps(res, indent=1) + "\n```\n</details>\n")
 
 
+def _disk_floor(r: dict, best_gbps: float | None) -> tuple[str, str]:
+    """The floor and ratio cells of a decode case: paired (each step against the floor read just before it,
+    medians of both), else the step's bytes at the best rate of the floor cases."""
+    if "paired_ratio" in r:
+        hows = sorted({f["how"] for f in r["floors"]})
+        return (f"{r['paired_floor_s']:.2f} s (disk, read before each step: {', '.join(hows)})",
+                f"{r['paired_ratio']:.2f} (per step: {', '.join(f'{x:.2f}' for x in r['paired_ratios'])})")
+    if not best_gbps:
+        return "", ""
+    floor = r["bytes_per_step"] / 1e9 / best_gbps
+    return f"{floor:.2f} s (disk)", f"{r['step_s'] / floor:.2f}"
+
+
 def report(res: dict, a) -> str:
     rows = ["| case | measured | floor | measured / floor |", "|---|---|---|---|"]
     floors = [res[k] for k in ("floor1", "floor4") if k in res and "gbps" in res[k]]
@@ -272,11 +321,11 @@ def report(res: dict, a) -> str:
     base = None
     for k, r in res.items():
         if k.startswith("batch") and "step_s" in r:
-            floor = r["bytes_per_step"] / 1e9 / best_gbps if best_gbps else None
+            floor, ratio = _disk_floor(r, best_gbps)
             base = base or r["step_s"]
             rows.append(f"| decode step, batch {r['batch']} ({r['bytes_per_step'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "
                         f"{r['batch'] / r['step_s']:.2f} tokens/s, {r['step_s'] / base:.2f}x batch-1 step; peak private "
-                        f"{r['peak_private'] / 2**20:.0f} MiB | {floor:.2f} s (disk) | {r['step_s'] / floor:.2f} |")
+                        f"{r['peak_private'] / 2**20:.0f} MiB | {floor} | {ratio} |")
         if k in ("prefill", "longctx") and "prefill_s" in r:
             rate = mm.get("prefill_flops")
             floor = r["prefill_flops"] / rate if rate else None
@@ -286,10 +335,10 @@ def report(res: dict, a) -> str:
             rows.append(f"| {label} | {r['prefill_s']:.2f} s, {r['prefill_flops'] / r['prefill_s'] / 1e12:.2f} TFLOP/s{extra} | "
                         f"{floor:.2f} s (matmul) | {r['prefill_s'] / floor:.2f} |" if floor else f"| {label} | {r['prefill_s']:.2f} s | | |")
         if k in ("int8", "int4") and "step_s" in r:
-            floor = r["bytes_per_step"] / 1e9 / best_gbps if best_gbps else None
+            floor, ratio = _disk_floor(r, best_gbps)
             rows.append(f"| decode step, {k} files, batch 1 ({r['bytes_per_step'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "
                         f"{r['step_s'] / base:.2f}x the bf16 step; peak private {r['peak_private'] / 2**20:.0f} MiB | "
-                        f"{floor:.2f} s (disk) | {r['step_s'] / floor:.2f} |" if base else f"| {k} | {r['step_s']:.2f} s | | |")
+                        f"{floor} | {ratio} |" if base else f"| {k} | {r['step_s']:.2f} s | | |")
         if k.startswith(("hf", "airllm")) and r.get("step_s"):
             who = ("HF transformers, all in RAM (no cap)" if k.startswith("hfram") else
                    "HF transformers + accelerate disk offload" if k.startswith("hf") else "AirLLM 4.0 (device=cpu)")
