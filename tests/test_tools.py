@@ -1,8 +1,10 @@
 """The tools stay runnable: checkpoint presets at their real sizes, and smoke runs of both benchmarks."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from streamer import ModelArgs
@@ -38,3 +40,14 @@ def test_bench_smoke(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "| none | ok |" in (tmp_path / "m.md").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="memcap makes a memory cgroup, which needs root")
+def test_bench_caps_smoke(tmp_path):
+    meta = tmp_path / "meta"
+    subprocess.run([sys.executable, TOOLS / "make_checkpoint.py", meta, "--preset", "tiny"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "streamer", "split", meta, tmp_path / "layers", "--quiet"], check=True, capture_output=True)
+    r = subprocess.run([sys.executable, TOOLS / "bench_caps.py", tmp_path / "layers", "--caps", "384M,1G", "--new-tokens", "4",
+                        "--prompt-len", "8"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| 384M |" in r.stdout and "| 1G |" in r.stdout and "384M against 1G: ratio of medians" in r.stdout, r.stdout
