@@ -40,7 +40,9 @@ def run(cmd: list[str], cap: str) -> dict:
             out["cgroup_peak"] = int(line.split("peak_bytes=")[1].split()[0])
             out["oom_kills"] = line.split("oom_kills=")[1].split()[0]
     if not out["ok"]:
-        out["error"] = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
+        said = [l for l in r.stderr.strip().splitlines() if not l.startswith("memcap:")]
+        out["error"] = ("OOM-killed" if out.get("oom_kills", "0") not in ("0", "") else
+                        (said or ["?"])[-1][:200])
     try:
         out["json"] = json.loads(r.stdout)
     except json.JSONDecodeError:
@@ -86,6 +88,10 @@ def row(cap: str, r: dict) -> dict:
     return {"cap": cap, "ok": r["ok"], "wall_s": r["wall_s"], "cgroup_peak": r.get("cgroup_peak"),
             "decode_s": s.get("decode_s_per_token"), "peak_rss": m.get("peak_rss"), "peak_private": m.get("peak_private"),
             "peak_file": m.get("peak_file"), "error": r.get("error")}
+
+
+def _secs(s):
+    return "" if s is None else f"{s:.2f}"
 
 
 def fmt(b):
@@ -143,12 +149,12 @@ def report(res, smallest, a) -> str:
     for g in res["generate"]:
         s = splits.get(g["cap"], {})
         lines.append(f"| {g['cap']} | {'ok' if s.get('ok') else ('OOM' if s else '-')} | {s.get('wall_s', 0):.0f} | {fmt(s.get('cgroup_peak'))} "
-                     f"| {'ok' if g['ok'] else 'fails'} | {g['decode_s'] or 0:.2f} | {fmt(g['cgroup_peak'])} | {fmt(g['peak_rss'])} "
+                     f"| {'ok' if g['ok'] else 'fails: ' + str(g['error'])} | {_secs(g['decode_s'])} | {fmt(g['cgroup_peak'])} | {fmt(g['peak_rss'])} "
                      f"| {fmt(g['peak_private'])} | {fmt(g['peak_file'])} |")
     lines += ["", "Smallest memcap (bisection, 32 MiB steps): " + ", ".join(f"{k} {v} MiB" for k, v in smallest.items()), "",
               "| --memory-budget = memcap | generate | decode s/token | peak RSS | peak private | peak file |", "|---|---|---|---|---|---|"]
     for g in res["budget"]:
-        lines.append(f"| {g['cap']} | {'ok' if g['ok'] else 'fails: ' + str(g['error'])} | {g['decode_s'] or 0:.2f} | {fmt(g['peak_rss'])} "
+        lines.append(f"| {g['cap']} | {'ok' if g['ok'] else 'fails: ' + str(g['error'])} | {_secs(g['decode_s'])} | {fmt(g['peak_rss'])} "
                      f"| {fmt(g['peak_private'])} | {fmt(g['peak_file'])} |")
     return "\n".join(lines)
 
