@@ -15,6 +15,7 @@ from .errors import StreamerError
 from .layout import ModelFiles
 from .runner import MAX_PASS_TOKENS
 from .stream import file_pieces, min_ring_bytes
+from .weights import drop_cache
 
 BASELINE = 224 << 20  # Python + torch + tokenizer, private, measured at setup: ~200 MiB
 RING_CAP = 1 << 30  # a ring beyond ~2 files' worth no longer speeds up streaming (measured: 1 GiB reads at the floor)
@@ -139,15 +140,14 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
 
 def measure_disk(files: ModelFiles, nbytes: int = 1 << 30) -> float:
     """A quick read test (GB/s) over the model's own files, with their pages dropped first."""
-    import os
     done, t0 = 0, time.perf_counter()
     buf = bytearray(16 << 20)
     for n in files.step_files():
         with open(files.folder / n, "rb", buffering=0) as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            drop_cache(f.fileno())
             while done < nbytes and (k := f.readinto(buf)):
                 done += k
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            drop_cache(f.fileno())
         if done >= nbytes:
             break
     return done / (time.perf_counter() - t0) / 1e9

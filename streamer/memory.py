@@ -11,6 +11,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .weights import drop_cache
+
 KINDS = ("rss", "private", "file")
 
 
@@ -101,12 +103,8 @@ def trim_page_cache() -> None:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        drop_cache(fd)
+        os.close(fd)
 
 
 def now() -> float:

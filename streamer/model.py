@@ -7,6 +7,7 @@ attention stays per sequence and never mixes them.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -114,7 +115,7 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
 
 def linear_rows(x: torch.Tensor, pieces) -> torch.Tensor:
     """x @ W.T for W given whole or as row pieces (W = [W0; W1; ...]): the outputs concatenate."""
-    if isinstance(pieces, torch.Tensor) or not hasattr(pieces, "__next__"):
+    if not isinstance(pieces, Iterator):  # a tensor, or quantized codes with their scales
         return linear(x, pieces)
     return torch.cat([linear(x, w) for w in pieces], dim=-1)
 

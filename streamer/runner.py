@@ -38,19 +38,19 @@ class Runner:
         self.io = IOStats()
         self.max_pass_tokens = max_pass_tokens
         self.names = files.step_files()  # blocks, then the head
-        self.pieces = {n: file_pieces(files.folder / n, files.headers[n]) for n in self.names}
-        self.resident = {n: ResidentFile(files.folder / n, self.pieces[n]) for n in resident}
-        streamed = [n for n in self.names if n not in self.resident]
-        self.stream = (WeightStream([(files.folder / n, self.pieces[n]) for n in streamed], ring_bytes, readers)
+        pieces = {n: file_pieces(files.folder / n, files.headers[n]) for n in self.names}
+        self.resident = [n for n in self.names if n in resident]
+        streamed = [n for n in self.names if n not in resident]
+        self.stream = (WeightStream([(files.folder / n, pieces[n]) for n in streamed], ring_bytes, readers)
                        if streamed else None)
+        # each file's view, built once: resident files hold their tensors, streamed ones take from the ring
+        self.views = {n: ResidentFile(files.folder / n, pieces[n]) if n in resident else StreamedFile(self.stream, pieces[n])
+                      for n in self.names}
         self.streamed_bytes = sum(files.files[n]["bytes"] for n in streamed)
         index, start = files.headers["embedding.safetensors"]
         dt, shape, begin, _ = index["tok_embeddings"]
         self._emb = (os.open(files.folder / "embedding.safetensors", os.O_RDONLY), dt, shape[1], start + begin)
         trim_page_cache()
-
-    def _file(self, name: str):
-        return self.resident.get(name) or StreamedFile(self.stream, self.pieces[name])
 
     def _phase(self, name: str) -> None:
         if self.monitor:
@@ -81,12 +81,12 @@ class Runner:
         x = self._embed(ids)  # [N, dim]
         rot = model.rope_rotations(self.freqs, torch.tensor(positions))  # [N, hd/2]
         for i in range(self.args.n_layers):
-            w = self._file(self.names[i])
+            w = self.views[self.names[i]]
             with cache.layer(i, spans) as kv:
                 x = model.block(x, w, rot, kv, seqs, self.args)
             w.done()
         self._phase("head")
-        head = self._file("head.safetensors")
+        head = self.views["head.safetensors"]
         if want:
             last = torch.tensor([seqs[i].rows.stop - 1 for i in want])
             logits = model.logits(x[last], head, self.args.norm_eps)
@@ -114,7 +114,7 @@ class Runner:
         if self.stream:
             self.stream.close()
             self.stream = None
-        self.resident = {}
+        self.views = {}  # resident blocks go with them
         os.close(self._emb[0])
 
     def __enter__(self):

@@ -100,7 +100,6 @@ class WeightStream:
         self.taken: list[_Slot] = []
         self._planned = 0
         self._stop = False
-        self.bytes_read = 0
         self.planner = threading.Thread(target=self._plan, name="streamer-plan", daemon=True)  # starts at the first take
 
     # --- producer ---------------------------------------------------------------------------------------
@@ -154,7 +153,6 @@ class WeightStream:
                 f"{self.paths[slot.piece.file]}: read failed ({getattr(e, 'strerror', None) or e})")
         with self.cond:
             slot.pending -= 1
-            self.bytes_read += length
             if slot.pending == 0:
                 slot.ready.set()
 

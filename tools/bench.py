@@ -29,13 +29,13 @@ MEMCAP = ROOT.parent / "shared" / "tools" / "memcap"
 # --- workers: run inside memcap, print one JSON line --------------------------------------------------
 
 def step_files(model: Path) -> list[Path]:
-    from streamer.layout import ModelFiles, block_name
-    files = ModelFiles(model)
-    return [model / block_name(i) for i in range(files.args.n_layers)] + [model / "head.safetensors"]
+    from streamer import ModelFiles
+    return [model / n for n in ModelFiles(model).step_files()]
 
 
-def step_bytes(model: Path) -> int:
-    return sum(p.stat().st_size for p in step_files(model))
+def random_prompt(r, n: int) -> list[int]:
+    """BOS and n - 1 random ids from `r` (a random.Random): the prompts every benchmark here uses."""
+    return [128000] + [r.randrange(1000, 100000) for _ in range(n - 1)]
 
 
 def cold_read(paths: list[Path], readers: int, chunk: int = 16 << 20, direct: bool = False) -> dict:
@@ -118,7 +118,7 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
     streamed = [model / n for n in files.step_files() if n not in runner.resident]
     cache = DiskKVCache(files.args, batch, prompt_len + steps + 1, dtype, files.manifest_sha256)
     r = random.Random(0)
-    chunks = [(s, [128000] + [r.randrange(1000, 100000) for _ in range(prompt_len - 1)]) for s in range(batch)]
+    chunks = [(s, random_prompt(r, prompt_len)) for s in range(batch)]
     for s, ids in chunks:
         cache.reserve(s, prompt_len + steps + 1)
     t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def peer_steps(kind: str, hf: Path, batch: int, steps: int, cap_bytes: int, prom
             pass
 
     r = random.Random(0)
-    ids = torch.tensor([[128000] + [r.randrange(1000, 100000) for _ in range(prompt_len - 1)] for _ in range(batch)])
+    ids = torch.tensor([random_prompt(r, prompt_len) for _ in range(batch)])
     t0 = time.perf_counter()
     if kind == "hfram":  # the all-in-RAM reference: plain transformers, no offload
         from transformers import AutoModelForCausalLM
@@ -208,7 +208,7 @@ def worker(case: str, model: Path, a) -> dict:
     if case == "longctx":
         return run_steps(model, 8, 1536, 2)
     if case in ("int8", "int4"):
-        return run_steps(getattr(a, case), 1, 16, a.steps, paired=a.paired) | {"floor_bytes": step_bytes(getattr(a, case))}
+        return run_steps(getattr(a, case), 1, 16, a.steps, paired=a.paired)
     if case == "hflongctx":  # the long-context job (8 x 1536) through HF + accelerate offload
         return peer_steps("hf", a.hf, 8, 1, a.cap_bytes, prompt_len=1536)
     if case.startswith(("hf", "airllm")):
@@ -220,9 +220,8 @@ def worker(case: str, model: Path, a) -> dict:
 # --- the orchestrator ------------------------------------------------------------------------------------
 
 def _bytes(cap: str) -> int:
-    if cap == "none":
-        return int(__import__("psutil").virtual_memory().total)
-    return int(float(cap[:-1]) * 1024 ** (" KMGT".index(cap[-1].upper())))
+    from streamer.budget import parse_size
+    return int(__import__("psutil").virtual_memory().total) if cap == "none" else parse_size(cap)
 
 
 def drop_caches() -> None:
@@ -320,12 +319,13 @@ def report(res: dict, a) -> str:
                     f"{mm['prefill_flops'] / 1e12:.2f} at 512 rows | | |")
     base = res.get("batch1", {}).get("step_s")  # the bf16 batch-1 step, which the others are compared with
     for k, r in res.items():
-        if k.startswith("batch") and "step_s" in r:
+        if (k.startswith("batch") or k in ("int8", "int4")) and "step_s" in r:
             floor, ratio = _disk_floor(r, best_gbps)
-            vs = f"{r['step_s'] / base:.2f}x the batch-1 step; " if base else ""
-            rows.append(f"| decode step, batch {r['batch']} ({r['bytes_per_step'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "
-                        f"{r['batch'] / r['step_s']:.2f} tokens/s, {vs}peak private "
-                        f"{r['peak_private'] / 2**20:.0f} MiB | {floor} | {ratio} |")
+            what = f"batch {r['batch']}" if k.startswith("batch") else f"{k} files, batch 1"
+            vs = f"{r['step_s'] / base:.2f}x the bf16 batch-1 step; " if base and k != "batch1" else ""
+            rows.append(f"| decode step, {what} ({r['bytes_per_step'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "
+                        f"{r['batch'] / r['step_s']:.2f} tokens/s, {vs}peak private {r['peak_private'] / 2**20:.0f} MiB | "
+                        f"{floor} | {ratio} |")
         if k in ("prefill", "longctx") and "prefill_s" in r:
             rate = mm.get("prefill_flops")
             floor = r["prefill_flops"] / rate if rate else None
@@ -334,15 +334,10 @@ def report(res: dict, a) -> str:
                      f"peak private {r['peak_private'] / 2**20:.0f} MiB") if k == "longctx" else ""
             rows.append(f"| {label} | {r['prefill_s']:.2f} s, {r['prefill_flops'] / r['prefill_s'] / 1e12:.2f} TFLOP/s{extra} | "
                         f"{floor:.2f} s (matmul) | {r['prefill_s'] / floor:.2f} |" if floor else f"| {label} | {r['prefill_s']:.2f} s | | |")
-        if k in ("int8", "int4") and "step_s" in r:
-            floor, ratio = _disk_floor(r, best_gbps)
-            vs = f"{r['step_s'] / base:.2f}x the bf16 batch-1 step; " if base else ""
-            rows.append(f"| decode step, {k} files, batch 1 ({r['bytes_per_step'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "
-                        f"{vs}peak private {r['peak_private'] / 2**20:.0f} MiB | {floor} | {ratio} |")
         if k.startswith(("hf", "airllm")) and r.get("step_s"):
             who = ("HF transformers, all in RAM (no cap)" if k.startswith("hfram") else
                    "HF transformers + accelerate disk offload" if k.startswith("hf") else "AirLLM 4.0 (device=cpu)")
-            ours = next((x["step_s"] for kk, x in res.items() if kk == f"batch{r['batch']}" and "step_s" in x), None)
+            ours = res.get(f"batch{r['batch']}", {}).get("step_s")
             vs = f"; streamer bf16 is {r['step_s'] / ours:.2f}x faster" if ours else ""
             rows.append(f"| peer: {who}, batch {r['batch']} | {r['step_s']:.2f} s/step, {r['batch'] / r['step_s']:.2f} tokens/s "
                         f"(load {r['load_s']:.0f} s){vs} | | |")

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import MEMCAP, drop_caches  # tools/ is on sys.path when this script runs
+from bench import MEMCAP, drop_caches, random_prompt  # tools/ is on sys.path when this script runs
 
 
 def major_faults() -> int:
@@ -41,8 +41,7 @@ def worker(model: Path, caps: list[str], budget: str, prompt_len: int, new_token
     monitor = MemoryMonitor()
     cache = DiskKVCache(files.args, 1, prompt_len + new_tokens + 1, torch.bfloat16, files.manifest_sha256)
     cache.reserve(0, prompt_len + new_tokens + 1)
-    r = random.Random(64)
-    ids = [128000] + [r.randrange(1000, 100000) for _ in range(prompt_len - 1)]
+    ids = random_prompt(random.Random(64), prompt_len)
     steps = []
     with Runner(files, torch.bfloat16, monitor, **p.runner_kwargs()) as runner:
         logits = runner.forward([(0, ids)], cache, phase="prefill")

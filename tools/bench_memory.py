@@ -18,11 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import MEMCAP, drop_caches  # tools/ is on sys.path when this script runs
+from bench import MEMCAP, drop_caches, random_prompt  # tools/ is on sys.path when this script runs
+from streamer.budget import parse_size
 
 
 def mib(size: str) -> int:
-    return 0 if size == "none" else int(float(size[:-1]) * (1024 if size[-1] in "gG" else 1))
+    return 0 if size == "none" else parse_size(size) >> 20
 
 
 WARM = False  # --warm: keep the page cache between runs (smoke tests)
@@ -55,8 +56,7 @@ def split_cmd(src: Path, dst: Path) -> list[str]:
 
 
 def gen_cmd(model: Path, new: int, budget: str | None = None) -> list[str]:
-    r = random.Random(64)
-    ids = ",".join(["128000"] + [str(r.randrange(1000, 100000)) for _ in range(63)])
+    ids = ",".join(map(str, random_prompt(random.Random(64), 64)))
     cmd = [sys.executable, "-m", "streamer", "generate", str(model), "--prompt-ids", ids, "--max-new-tokens", str(new),
            "--dtype", "bfloat16", "--json"]
     return cmd + (["--memory-budget", budget] if budget else [])

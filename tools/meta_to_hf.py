@@ -4,12 +4,12 @@ Writes model-0000i-of-0000N.safetensors shards, model.safetensors.index.json and
 at a time (q/k permuted for HF's rotate-half RoPE), so memory stays near one matrix.
 """
 import argparse
-import json
 import math
 from pathlib import Path
 
 from streamer.checkpoint import MetaCheckpoint
 from streamer.hf import config_from_args, hf_name, permute_qk
+from streamer.layout import write_json_atomic
 from streamer.weights import write_safetensors
 
 SHARD_BYTES = 4 << 30
@@ -48,8 +48,8 @@ def main() -> None:
         for k in shard:
             index["weight_map"][k] = name
         index["metadata"]["total_size"] += sum(ckpt.dtype.itemsize * math.prod(s) for _, s, _ in shard.values())
-    (a.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    (a.out / "config.json").write_text(json.dumps(config_from_args(args, ckpt.dtype), indent=1))
+    write_json_atomic(a.out / "model.safetensors.index.json", index)
+    write_json_atomic(a.out / "config.json", config_from_args(args, ckpt.dtype))
     print(f"{a.out}: {len(shards)} shards")
 
 
