@@ -1,12 +1,15 @@
-"""streamer: run Llama 3 models block by block from disk, in a small fraction of their size in RAM."""
+"""streamer: run Llama models block by block from disk, in a small fraction of their size in RAM.
+
+The public API is the Engine (engine.py); the rest are the pieces it is made of."""
 from .args import ModelArgs
+from .engine import Completion, Engine, Piece
 from .errors import StreamerError
-from .generate import SamplingParams, Step, generate
+from .generate import GenStats, SamplingParams
 from .kvcache import DiskKVCache, MemoryKVCache
 from .layout import ModelFiles
 from .runner import Runner
 from .split import split
 from .tokenizer import ChatFormat, Tokenizer
 
-__all__ = ["ModelArgs", "StreamerError", "SamplingParams", "Step", "generate", "DiskKVCache", "MemoryKVCache",
-           "ModelFiles", "Runner", "split", "ChatFormat", "Tokenizer"]
+__all__ = ["Engine", "Completion", "Piece", "GenStats", "ModelArgs", "StreamerError", "SamplingParams", "DiskKVCache",
+           "MemoryKVCache", "ModelFiles", "Runner", "split", "ChatFormat", "Tokenizer"]

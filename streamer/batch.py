@@ -1,14 +1,18 @@
-"""`streamer batch MODEL prompts.jsonl --out results.jsonl`: many prompts, one pass over the weights per step.
+"""Batches: many prompts, one pass over the weights per step (continuous batching), and `streamer batch`.
 
 Sequences share every block read: each step packs the new tokens of all active sequences (whole prompts
 for those just admitted, one token for the rest) into one forward pass. A finished sequence frees its KV
-slot at once and the next waiting prompt takes it (continuous batching). Each result is appended and
-fsynced the moment it finishes; a rerun skips ids already in the output and repairs a torn last line.
+slot at once and the next waiting prompt takes it.
+
+`streamer batch MODEL prompts.jsonl --out results.jsonl` appends each result and fsyncs it the moment it
+finishes. A rerun skips the ids already done, retries those whose only record is an error (the new record
+replaces the old one), and repairs a last line torn by a kill.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import zlib
@@ -16,23 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .budget import parse_size, plan
 from .errors import StreamerError
-from .generate import Sampler, SamplingParams, check_prompt
-from .generate_cli import pick_dtype
-from .kvcache import DiskKVCache
-from .layout import ModelFiles
-from .memory import MemoryMonitor, now
-from .runner import Runner
-from .tokenizer import STOP_IDS, ChatFormat, Tokenizer
+from .files import now, write_atomic
+from .generate import Sampler, SamplingParams, TextOut
 
+log = logging.getLogger(__name__)
 LINE_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+CLI_FLAGS = {"max_seq_len": "--max-seq-len"}  # parameters a line cannot set: an error in them names the flag
 
 
 @dataclass
 class Request:
     id: object
-    line: int
     prompt: list[int]
     params: SamplingParams
     stop_text: list[str] = field(default_factory=list)
@@ -42,126 +41,42 @@ class Request:
 class Active:
     req: Request
     sampler: Sampler
+    text: TextOut | None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # ids to feed at the next step
 
 
-def read_requests(path: Path, defaults: SamplingParams, tok: Tokenizer | None, max_seq: int, vocab: int,
-                  seed: int) -> Iterator[Request | dict]:
-    """Yield a Request per good line, or an error record naming the line and the reason."""
-    try:
-        f = open(path, encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise StreamerError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-                if not isinstance(obj, dict):
-                    raise StreamerError("expected a JSON object")
-            except (json.JSONDecodeError, StreamerError) as e:
-                yield {"id": n, "line": n, "error": f"line {n}: invalid JSON ({e})"}
-                continue
-            rid = obj.get("id", n)
-            try:
-                yield _request(obj, rid, n, defaults, tok, max_seq, vocab, seed)
-            except StreamerError as e:
-                yield {"id": rid, "line": n, "error": f"line {n}: {e}"}
-
-
-def _request(obj, rid, n, defaults, tok, max_seq, vocab, seed) -> Request:
-    if "prompt_ids" in obj:
-        ids = obj["prompt_ids"]
-        if not isinstance(ids, list):
-            raise StreamerError("prompt_ids must be a list of integers")
-    elif "prompt" in obj or "messages" in obj:
-        if tok is None:
-            raise StreamerError("the model folder has no tokenizer.model, so only prompt_ids can be used")
-        if "messages" in obj:
-            if not isinstance(obj["messages"], list):
-                raise StreamerError("messages must be a list")
-            ids = ChatFormat(tok).encode_dialog(obj["messages"])
-        else:
-            if not isinstance(obj["prompt"], str) or not obj["prompt"]:
-                raise StreamerError("prompt must be a non-empty string")
-            ids = tok.encode(obj["prompt"], bos=True)
-    else:
+def make_request(engine, obj, rid, defaults: SamplingParams, default_stop: list[str], seed: int) -> Request:
+    """A checked Request from one request object; raises StreamerError naming what is wrong."""
+    if not isinstance(obj, dict):
+        raise StreamerError(f"expected a JSON object, got {type(obj).__name__}")
+    if not any(k in obj for k in ("prompt", "messages", "prompt_ids")):
         raise StreamerError("no prompt: give one of prompt, messages or prompt_ids")
-    check_prompt(ids, vocab)
+    ids = engine.prompt_ids(obj.get("prompt"), prompt_ids=obj.get("prompt_ids"), messages=obj.get("messages"))
     opts = {k: obj[k] for k in LINE_OPTIONS if k in obj}
-    stop = opts.pop("stop", [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, (str, int)) for s in stop):
-        raise StreamerError("stop must be a string, an id, or a list of them")
     line_seed = opts.pop("seed", None)
     if line_seed is None:  # reproducible per prompt whatever batch it lands in
         line_seed = zlib.crc32(json.dumps([seed, rid]).encode())
-    try:
-        params = SamplingParams(**{**defaults.__dict__, **opts, "seed": line_seed,
-                                   "stop_ids": defaults.stop_ids | {s for s in stop if isinstance(s, int)}})
-        params.check()
-    except TypeError as e:
-        raise StreamerError(str(e)) from None
-    if len(ids) + params.max_new_tokens - 1 > max_seq:
-        raise StreamerError(f"prompt of {len(ids)} tokens + {params.max_new_tokens} new tokens exceeds the context "
-                            f"({max_seq}, --max-seq-len)")
-    return Request(rid, n, ids, params, [s for s in stop if isinstance(s, str)])
+    params, stop_text = engine.sampling(**{"max_new_tokens": defaults.max_new_tokens, "temperature": defaults.temperature,
+                                           "top_p": defaults.top_p, "stop": default_stop + sorted(defaults.stop_ids - engine.stop_ids),
+                                           **opts, "seed": line_seed})
+    engine.check_fits(len(ids), params.max_new_tokens)
+    return Request(rid, ids, params, stop_text)
 
 
-class ResultLog:
-    """The output JSONL: ids already done, a torn last line repaired, each record appended durably."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.done: set[str] = set()
-        if self.path.exists():
-            data = self.path.read_bytes()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):  # a kill mid-write left a partial record: drop it, it will be redone
-                print(f"{self.path}: removing a torn last line ({len(data) - end} bytes)", file=sys.stderr)
-                with open(self.path, "r+b") as f:
-                    f.truncate(end)
-                    os.fsync(f.fileno())
-            for line in data[:end].splitlines():
-                try:
-                    self.done.add(_key(json.loads(line)["id"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise StreamerError(f"{self.path}: a line is not a result record; refusing to append to it") from None
-        try:
-            self.f = open(self.path, "ab")
-        except OSError as e:
-            raise StreamerError(f"{self.path}: cannot write ({e.strerror})") from None
-
-    def write(self, record: dict) -> None:
-        self.f.write((json.dumps(record) + "\n").encode())  # one write per record, then fsync
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.done.add(_key(record["id"]))
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _key(rid) -> str:
-    return json.dumps(rid)
-
-
-def run_batch(runner: Runner, cache: DiskKVCache, requests: list[Request], log: ResultLog,
-              tok: Tokenizer | None, progress=None) -> dict:
-    """Continuous batching over cache.slots slots; returns totals."""
+def run_batch(runner, cache, requests: list[Request], tok, totals: dict) -> Iterator[dict]:
+    """Continuous batching over cache.slots slots; yields each result record as its sequence finishes."""
     waiting = list(reversed(requests))
     free = list(range(cache.slots - 1, -1, -1))
     active: dict[int, Active] = {}
-    totals = {"prompts": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0}
     while waiting or active:
         while free and waiting:
             slot, req = free.pop(), waiting.pop()
             cache.tokens[slot] = []
             cache.reserve(slot, len(req.prompt) + req.params.max_new_tokens - 1)
-            active[slot] = Active(req, Sampler(req.params), pending=list(req.prompt))
+            text = TextOut(tok, req.stop_text) if tok else None
+            active[slot] = Active(req, Sampler(req.params), text, pending=list(req.prompt))
         slots = sorted(active)
         phase = "prefill" if any(len(active[s].pending) > 1 for s in slots) else "decode"
         logits = runner.forward([(s, active[s].pending) for s in slots], cache, phase=phase)
@@ -172,52 +87,120 @@ def run_batch(runner: Runner, cache: DiskKVCache, requests: list[Request], log: 
             a.tokens.append(step.token)
             a.logprobs.append(step.logprob)
             a.pending = [step.token]
-            reason = _finished(a, step.token, tok)
-            if progress:
-                progress.set_postfix_str(f"{totals['completion_tokens'] + sum(len(x.tokens) for x in active.values())} tokens")
+            reason = _finished(a, step.token)
             if reason:
-                log.write(_record(a, reason, tok))
                 totals["prompts"] += 1
                 totals["prompt_tokens"] += len(a.req.prompt)
                 totals["completion_tokens"] += len(a.tokens)
                 del active[slot]
                 free.append(slot)
-                if progress:
-                    progress.update(1)
-    return totals
+                yield _record(a, reason)
 
 
-def _finished(a: Active, token: int, tok: Tokenizer | None) -> str | None:
+def _finished(a: Active, token: int) -> str | None:
     if token in a.req.params.stop_ids:
         return "stop"
-    if a.req.stop_text and tok and any(s in tok.decode(a.tokens) for s in a.req.stop_text):
+    if a.text and a.text.feed(token)[1]:
         return "stop"
     if len(a.tokens) >= a.req.params.max_new_tokens:
         return "length"
     return None
 
 
-def _record(a: Active, reason: str, tok: Tokenizer | None) -> dict:
-    text = tok.decode(a.tokens) if tok else None
-    if text is not None and reason == "stop":
-        cut = [text.find(s) for s in a.req.stop_text if s in text]
-        text = text[:min(cut)] if cut else text
+def _record(a: Active, reason: str) -> dict:
+    text = None
+    if a.text:
+        a.text.flush()
+        text = a.text.text
     return {"id": a.req.id, "text": text, "tokens": a.tokens, "logprobs": a.logprobs, "finish_reason": reason,
             "usage": {"prompt_tokens": len(a.req.prompt), "completion_tokens": len(a.tokens)}}
 
 
+# --- streamer batch: JSONL in, JSONL out ------------------------------------------------------------------
+
+def read_lines(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, the request object or None, the error or None) for every non-blank line."""
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise StreamerError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                yield n, None, f"invalid JSON ({e})"
+                continue
+            yield (n, obj, None) if isinstance(obj, dict) else (n, None, "expected a JSON object")
+
+
+def key(rid) -> str:
+    return json.dumps(rid)
+
+
+class ResultLog:
+    """The output JSONL: ids already done, a torn last line repaired, error records set aside to be retried,
+    each new record appended durably."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.done: set[str] = set()
+        records = self._read() if self.path.exists() else []
+        self.done = {key(r["id"]) for r in records if "error" not in r}
+        kept = [r for r in records if "error" not in r]
+        if len(kept) < len(records):  # ids whose only record is an error are retried: the new record replaces it
+            write_atomic(self.path, b"".join((json.dumps(r) + "\n").encode() for r in kept))
+        try:
+            self.f = open(self.path, "ab")
+        except OSError as e:
+            raise StreamerError(f"{self.path}: cannot write ({e.strerror})") from None
+
+    def _read(self) -> list[dict]:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a kill mid-write left a partial record: drop it, it will be redone
+            log.warning(f"{self.path}: removing a torn last line ({len(data) - end} bytes)")
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        records = []
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+                key(record["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise StreamerError(f"{self.path}: a line is not a result record; refusing to append to it") from None
+            records.append(record)
+        return records
+
+    def write(self, record: dict) -> None:
+        self.f.write((json.dumps(record) + "\n").encode())  # one write per record, then fsync
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        if "error" not in record:
+            self.done.add(key(record["id"]))
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("model", type=Path)
-    p.add_argument("prompts", type=Path, help="JSONL: {id, prompt | messages | prompt_ids, [max_new_tokens, temperature, top_p, seed, stop]}")
+    p.add_argument("model", type=Path, help="a folder written by `streamer split`")
+    p.add_argument("prompts", type=Path, help="JSONL, one request a line: {id, prompt | messages | prompt_ids, "
+                   "[max_new_tokens, temperature, top_p, seed, stop]}")
     p.add_argument("--out", type=Path, required=True, help="results JSONL (appended; rerun to resume)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences that share each pass over the weights")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per prompt, for lines that set none")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for lines that set none (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass for lines that set none")
     p.add_argument("--seed", type=int, default=0, help="seeds lines that set none (mixed with the line's id)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    p.add_argument("--max-seq-len", type=int)
-    p.add_argument("--memory-budget", metavar="SIZE", help="RAM this run may use (default: what is available)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype (auto: bfloat16 where the CPU has native bf16 matmuls)")
+    p.add_argument("--max-seq-len", type=int, help="context length (default: the model's, or 8192)")
+    p.add_argument("--memory-budget", metavar="SIZE", help="RAM this run may use, e.g. 512M or 8G (default: the "
+                   "memory cgroup's limit, or 85%% of the available memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -225,48 +208,51 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    if args.batch_size <= 0:
-        raise StreamerError(f"--batch-size must be positive, got {args.batch_size}")
-    defaults = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, None, STOP_IDS)
-    defaults.check()
-    files = ModelFiles(args.model)
-    tok = Tokenizer(files.tokenizer_path) if files.tokenizer_path else None
-    max_seq = files.args.max_seq_len if args.max_seq_len is None else args.max_seq_len
-    log = ResultLog(args.out)
-    todo, errors, skipped, seen = [], 0, 0, set()
-    for item in read_requests(args.prompts, defaults, tok, max_seq, files.args.vocab_size, args.seed):
-        key = _key(item["id"] if isinstance(item, dict) else item.id)
-        if key in log.done:
-            skipped += 1
-            continue
-        if key in seen:
-            print(f"{args.prompts}: id {key} appears twice; only the first is run", file=sys.stderr)
-            continue
-        seen.add(key)
-        if isinstance(item, dict):
-            log.write(item)
-            errors += 1
-        else:
-            todo.append(item)
-    dtype = pick_dtype(args.dtype)
-    slots = min(args.batch_size, max(1, len(todo)))
-    longest = max((len(r.prompt) + r.params.max_new_tokens for r in todo), default=1)
-    budget = plan(files, parse_size(args.memory_budget) if args.memory_budget else None, slots, longest)
-    monitor = MemoryMonitor()
-    runner = Runner(files, dtype, monitor, **budget.runner_kwargs())
-    cache = DiskKVCache(files.args, slots, max_seq, dtype, files.manifest_sha256)
-    bar = tqdm(total=len(todo), unit="prompt", desc="batch", disable=args.quiet, file=sys.stderr)
-    t0 = now()
+    from .engine import Engine
+
+    results = ResultLog(args.out)
+    lines, requests, line_of, errors, skipped = 0, [], {}, 0, 0
     try:
-        totals = run_batch(runner, cache, todo, log, tok, bar) if todo else {"prompts": 0, "completion_tokens": 0, "steps": 0, "prompt_tokens": 0}
+        with Engine(args.model, args.memory_budget, args.dtype, max_seq_len=args.max_seq_len) as engine:
+            for n, obj, error in read_lines(args.prompts):
+                lines += 1
+                rid = obj.get("id", n) if obj is not None else n
+                if key(rid) in results.done:
+                    skipped += 1
+                elif key(rid) in line_of:
+                    log.warning(f"{args.prompts}: line {n}: id {key(rid)} appears on line {line_of[key(rid)]} too; "
+                                "only the first is run")
+                    skipped += 1
+                elif error:
+                    results.write({"id": rid, "line": n, "error": f"line {n}: {error}"})
+                    errors += 1
+                else:
+                    line_of[key(rid)] = n
+                    requests.append({**obj, "id": rid})
+            bar = tqdm(total=lines, initial=skipped + errors, unit="prompt", desc="batch", disable=args.quiet, file=sys.stderr)
+            totals, t0 = {}, now()
+            for record in engine.batch(requests, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, totals=totals):
+                if "error" in record:
+                    n, param = line_of[key(record["id"])], record.get("param")
+                    message = record["error"]
+                    if param in CLI_FLAGS:  # the run's options, not the line's, are at fault: name the flag
+                        message = f"{CLI_FLAGS[param]} {message.removeprefix(param + ' ')}"
+                    record = {"id": record["id"], "line": n, "error": f"line {n}: {message}"}
+                    errors += 1
+                results.write(record)
+                bar.update(1)
+                bar.set_postfix_str(f"{totals.get('completion_tokens', 0)} tokens")
+            bar.close()
+            secs = now() - t0
+            report = engine.memory()
     finally:
-        bar.close()
-        runner.close()
-        cache.close()
-        log.close()
-        report = monitor.stop()
-    secs = now() - t0
-    print(f"batch: {totals['prompts']} done, {errors} errors, {skipped} already in {args.out}; "
-          f"{totals['completion_tokens']} tokens in {secs:.1f} s ({totals['completion_tokens'] / max(secs, 1e-9):.2f} tokens/s, "
-          f"{totals['steps']} steps); {report.summary()}", file=sys.stderr)
-    return 0
+        results.close()
+    done = totals.get("prompts", 0)
+    print(f"batch: {done} done, {errors} failed, {skipped} already in {args.out}; {totals.get('completion_tokens', 0)} "
+          f"tokens in {secs:.1f} s ({totals.get('completion_tokens', 0) / max(secs, 1e-9):.2f} tokens/s, "
+          f"{totals.get('steps', 0)} steps); {report.summary()}", file=sys.stderr)
+    if errors:
+        print(f"batch: {errors} line(s) failed: their error records are in {args.out}; fix them and rerun to retry them",
+              file=sys.stderr)
+    return 1 if errors else 0

@@ -3,9 +3,8 @@ activations, and what that predicts for peak memory and bytes read per step (`st
 from __future__ import annotations
 
 import argparse
+import logging
 import re
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +14,9 @@ from .errors import StreamerError
 from .layout import ModelFiles
 from .runner import MAX_PASS_TOKENS
 from .stream import file_pieces, min_ring_bytes
-from .weights import drop_cache
+from .files import drop_cache, now
 
+log = logging.getLogger(__name__)
 BASELINE = 224 << 20  # Python + torch + tokenizer, private, measured at setup: ~200 MiB
 RING_CAP = 1 << 30  # a ring beyond ~2 files' worth no longer speeds up streaming (measured: 1 GiB reads at the floor)
 
@@ -28,25 +28,31 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
 
 
-def cgroup_limit_files() -> list[Path]:
-    """The files holding this process's memory cgroup limit (cgroup v1 or v2)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return []
+def cgroup_limit_files(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup")) -> list[Path]:
+    """The files holding this process's memory cgroup limit: cgroup v1's memory.limit_in_bytes under
+    ROOT/memory, or v2's memory.max under ROOT (or ROOT/unified in hybrid setups). `proc_cgroup` is the text
+    of /proc/self/cgroup (read when not given)."""
+    if proc_cgroup is None:
+        try:
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            return []
     found = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "memory":
-            found.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes")
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if "memory" in controllers.split(","):
+            found.append(root / "memory" / path.lstrip("/") / "memory.limit_in_bytes")
         elif controllers == "":
-            found.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max")
-    return [f for f in found if f.exists()]
+            found += [root / path.lstrip("/") / "memory.max", root / "unified" / path.lstrip("/") / "memory.max"]
+    return [f for f in found if f.is_file()]
 
 
-def cgroup_limit() -> int | None:
-    """This process's memory cgroup limit, if any."""
-    for f in cgroup_limit_files():
+def cgroup_limit(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """This process's memory cgroup limit, if any ("max", or v1's huge number for none, mean no limit)."""
+    for f in cgroup_limit_files(proc_cgroup, root):
         try:
             raw = f.read_text().strip()
         except OSError:
@@ -69,12 +75,16 @@ def available_memory() -> int:
 
 @dataclass
 class Plan:
+    """How a memory budget is spent for `batch` sequences of up to `context` tokens."""
     budget: int
+    batch: int
+    context: int
     ring_bytes: int
     resident: list[str]
     max_pass_tokens: int
     activations: int
-    kv_mapped: int
+    kv_block: int  # one block's KV cache for the whole batch, held in RAM while that block runs
+    code_cache: int  # page cache left for the runtime's code (a cgroup charges it)
     bytes_per_step: int  # weight bytes read from disk per decode step
     file_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -82,10 +92,21 @@ class Plan:
         return {"ring_bytes": self.ring_bytes, "resident": self.resident, "max_pass_tokens": self.max_pass_tokens}
 
     @property
+    def resident_bytes(self) -> int:
+        return sum(self.file_bytes[n] for n in self.resident)
+
+    def breakdown(self) -> dict[str, int]:
+        """The parts of the predicted peak; they add up to it."""
+        return {"runtime": BASELINE, "code page cache": self.code_cache, "weight ring": self.ring_bytes,
+                "resident weights": self.resident_bytes, "activations": self.activations, "KV of one block": self.kv_block}
+
+    @property
     def predicted_peak(self) -> int:
-        cache = min(CODE_CACHE, max(0, self.budget - BASELINE - self.kv_mapped - self.activations - self.ring_bytes))
-        return (BASELINE + cache + self.ring_bytes + sum(self.file_bytes[n] for n in self.resident)
-                + self.activations + self.kv_mapped)
+        return sum(self.breakdown().values())
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
 
 
 def activation_bytes(files: ModelFiles, tokens: int, batch: int, context: int) -> int:
@@ -97,50 +118,50 @@ def activation_bytes(files: ModelFiles, tokens: int, batch: int, context: int) -
     return tokens * per_token + attention + batch * a.vocab_size * 8
 
 
-def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: int = 2048) -> Plan:
+def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: int = 2048,
+         keep_resident: bool = True) -> Plan:
     """Split `budget` (default: the available memory) into activations, the ring and resident files;
-    refuse, naming what does not fit, when it cannot work."""
+    refuse, naming what does not fit, when it cannot work. keep_resident=False streams every file."""
     budget = available_memory() if budget is None else budget
     names = files.step_files()
     sizes = {n: files.files[n]["bytes"] for n in names}
     ring_min = min_ring_bytes([p for n in names for p in file_pieces(files.folder / n, files.headers[n])])
     a = files.args
-    kv_mapped = 2 * batch * context * a.n_kv_heads * a.head_dim * 2  # one block's cache, mapped while it runs
-    room = budget - BASELINE - kv_mapped
+    kv_block = 2 * batch * context * a.n_kv_heads * a.head_dim * 2
+    room = budget - BASELINE - kv_block
     tokens = min(MAX_PASS_TOKENS, batch * context)  # a pass never holds more than every sequence's whole context
     while tokens > batch and activation_bytes(files, tokens, batch, context) > max(room - ring_min, 0) / 2:
         tokens //= 2
     tokens = max(tokens, batch)
     act = activation_bytes(files, tokens, batch, context)
     if room - act < ring_min:
-        raise StreamerError(
-            f"a memory budget of {budget / 2**20:.0f} MiB cannot work: the runtime needs ~{BASELINE / 2**20:.0f} MiB, "
-            f"activations for batch {batch} ~{act / 2**20:.0f} MiB, one block's KV cache {kv_mapped / 2**20:.0f} MiB and the "
-            f"smallest weight ring {ring_min / 2**20:.0f} MiB ({(BASELINE + act + kv_mapped + ring_min) / 2**20:.0f} MiB in all)")
-    spare = room - act - CODE_CACHE  # the runtime's code pages come first; below that, steps slow down but run
+        need = {"runtime": BASELINE, "weight ring": ring_min, "activations": act, "KV of one block": kv_block}
+        raise StreamerError(f"a memory budget of {mib(budget)} cannot work for batch {batch}, context {context}: it needs "
+                            f"at least {mib(sum(need.values()))} = " + " + ".join(f"{k} {mib(v)}" for k, v in need.items())
+                            + " (the smallest ring)")
+    code = min(CODE_CACHE, room - act - ring_min)  # the runtime's code pages come first; below that, steps slow down
+    spare = room - act - code
+    if code < CODE_CACHE:
+        log.warning(f"a memory budget of {mib(budget)} leaves torch's code only {mib(code)} of page cache; "
+                    f"expect slower steps below ~{mib(BASELINE + CODE_CACHE + act + kv_block + ring_min)}")
     resident: list[str] = []
-    if spare >= sum(sizes.values()):  # everything fits: nothing streams
-        resident = list(names)
-        ring = 0
+    if keep_resident and spare >= sum(sizes.values()):  # everything fits: nothing streams
+        resident, ring = list(names), 0
     else:
-        ring = min(spare, RING_CAP, 2 * max(sizes.values()))
-        left = spare - ring
+        ring = max(min(spare, RING_CAP, 2 * max(sizes.values())), ring_min)
+        left = spare - ring if keep_resident else 0
         for n in sorted(names, key=lambda n: sizes[n]):  # as many files as fit beside the ring
             if sizes[n] <= left and len(resident) < len(names) - 1:
                 resident.append(n)
                 left -= sizes[n]
-        ring = max(ring, ring_min)
-    if spare < ring_min:
-        print(f"plan: a budget of {budget / 2**20:.0f} MiB leaves torch's code pages too little page cache; "
-              f"expect slower steps below ~{(BASELINE + CODE_CACHE + act + kv_mapped + ring_min) / 2**20:.0f} MiB", file=sys.stderr)
     resident.sort(key=names.index)
     streamed = sum(sizes[n] for n in names if n not in resident)
-    return Plan(budget, ring, resident, tokens, act, kv_mapped, streamed, sizes)
+    return Plan(budget, batch, context, ring, resident, tokens, act, kv_block, code, streamed, sizes)
 
 
 def measure_disk(files: ModelFiles, nbytes: int = 1 << 30) -> float:
     """A quick read test (GB/s) over the model's own files, with their pages dropped first."""
-    done, t0 = 0, time.perf_counter()
+    done, t0 = 0, now()
     buf = bytearray(16 << 20)
     for n in files.step_files():
         with open(files.folder / n, "rb", buffering=0) as f:
@@ -150,30 +171,29 @@ def measure_disk(files: ModelFiles, nbytes: int = 1 << 30) -> float:
             drop_cache(f.fileno())
         if done >= nbytes:
             break
-    return done / (time.perf_counter() - t0) / 1e9
+    return done / (now() - t0) / 1e9
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("model", type=Path)
-    p.add_argument("--memory", required=True, help="the memory budget, e.g. 512M, 4G")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("model", type=Path, help="a folder written by `streamer split`")
+    p.add_argument("--memory-budget", metavar="SIZE", help="the RAM a run may use, e.g. 512M, 4G "
+                   "(default: the memory cgroup's limit, or 85%% of the available memory)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences that share each pass over the weights")
     p.add_argument("--context", type=int, default=2048, help="tokens per sequence (prompt + new)")
-    p.add_argument("--disk-gbps", type=float, help="disk read bandwidth (default: a quick read test)")
+    p.add_argument("--disk-gbps", type=float, help="disk read bandwidth in GB/s for the floor (default: a quick read test)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    for name in ("batch_size", "context"):
+        if getattr(args, name) <= 0:
+            raise StreamerError(f"must be a positive integer, got {getattr(args, name)}", param=name)
     files = ModelFiles(args.model)
-    if args.batch <= 0 or args.context <= 0:
-        raise StreamerError("--batch and --context must be positive")
-    p = plan(files, parse_size(args.memory), args.batch, args.context)
+    p = plan(files, parse_size(args.memory_budget) if args.memory_budget else None, args.batch_size, args.context)
     gbps = args.disk_gbps or measure_disk(files)
-    mib = lambda b: f"{b / 2**20:,.0f} MiB"
     blocks = [n for n in p.resident if n.startswith("block_")]
-    print(f"memory budget {mib(p.budget)} for batch {args.batch}, context {args.context}:")
-    print(f"  predicted peak   {mib(p.predicted_peak)} (runtime {mib(BASELINE)} + its code {mib(CODE_CACHE)}, weight ring {mib(p.ring_bytes)}, "
-          f"resident {mib(sum(p.file_bytes[n] for n in p.resident))}, activations {mib(p.activations)}, "
-          f"KV of one block {mib(p.kv_mapped)})")
+    print(f"memory budget {mib(p.budget)} for batch {args.batch_size}, context {args.context}:")
+    print(f"  predicted peak   {mib(p.predicted_peak)} = " + " + ".join(f"{k} {mib(v)}" for k, v in p.breakdown().items()))
     print(f"  resident         {len(blocks)} of {files.args.n_layers} blocks" + (", and the head" if "head.safetensors" in p.resident else "")
           + (f" ({blocks[0]} .. {blocks[-1]})" if blocks else ""))
     print(f"  read per step    {p.bytes_per_step / 1e9:.2f} GB; prefill passes of up to {p.max_pass_tokens} tokens")

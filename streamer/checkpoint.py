@@ -11,6 +11,7 @@ import torch
 
 from .args import ModelArgs
 from .errors import StreamerError
+from .tokenizer import find_tokenizer
 
 # Model-parallel shards concatenate along dim 0, except these (row-parallel) along dim 1; norms are replicated.
 _DIM1 = ("attention.wo.weight", "feed_forward.w2.weight")
@@ -74,8 +75,7 @@ class MetaCheckpoint:
         self.shards = [load_pth(p) for p in paths]
         self.shapes = expected_shapes(self.args)
         self._check()
-        tok = self.folder / "tokenizer.model"
-        self.tokenizer_path = tok if tok.is_file() else None
+        self.tokenizer_path = find_tokenizer(self.folder)
         self.params_path = self.folder / "params.json"
 
     def params_json(self) -> bytes:
@@ -123,22 +123,6 @@ class MetaCheckpoint:
 def _shard_number(path: Path) -> int:
     m = re.fullmatch(r"consolidated\.(\d+)\.pth", path.name)
     return int(m.group(1)) if m else -1
-
-
-def open_source(folder: Path):
-    """A Meta checkpoint folder, or a Hugging Face one (config.json + model*.safetensors)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise StreamerError(f"{folder}: no such folder")
-    if (folder / "params.json").exists() or any(folder.glob("consolidated.*.pth")):
-        return MetaCheckpoint(folder)
-    if (folder / "config.json").exists():
-        from .hf import HFCheckpoint
-        return HFCheckpoint(folder)
-    if (folder / "original" / "params.json").exists():
-        return MetaCheckpoint(folder / "original")
-    raise StreamerError(f"{folder}: neither a Meta checkpoint (params.json + consolidated.*.pth) nor a Hugging Face "
-                        "one (config.json + model*.safetensors); params.json not found")
 
 
 LLAMA_32_SHAPES = {(2048, 16), (3072, 28)}  # (dim, n_layers) of Llama 3.2 1B and 3B

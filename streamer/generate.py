@@ -1,6 +1,7 @@
 """Token generation as a generator: prefill (or resume from a kept cache), then one token per step."""
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -8,7 +9,7 @@ import torch
 
 from .errors import StreamerError
 from .kvcache import KVCache
-from .memory import now
+from .files import now
 from .runner import Runner
 from .tokenizer import STOP_IDS
 
@@ -23,14 +24,23 @@ class SamplingParams:
     logprobs: int = 0  # also return the K best [id, logprob] per step
 
     def check(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise StreamerError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise StreamerError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise StreamerError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.logprobs < 0:
-            raise StreamerError(f"logprobs must be >= 0, got {self.logprobs!r}")
+        """Raise naming the parameter at fault (the CLI shows it as the flag)."""
+        def bad(name, what):
+            raise StreamerError(f"must be {what}, got {getattr(self, name)!r}", param=name)
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
+            bad("max_new_tokens", "a positive integer")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            bad("temperature", ">= 0 (0 = greedy)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", "in (0, 1]")
+        if self.seed is not None and not _is_int(self.seed):
+            bad("seed", "an integer")
+        if not _is_int(self.logprobs) or self.logprobs < 0:
+            bad("logprobs", "an integer >= 0")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -45,38 +55,83 @@ class Step:
 class GenStats:
     prompt_tokens: int = 0
     reused_tokens: int = 0  # prompt tokens whose keys and values came from a kept cache
+    completion_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: list[float] = field(default_factory=list)
+    passes: int = 0  # passes over the weights this generation made
+    tokens_run: int = 0  # tokens it ran through the blocks (prompt tokens not reused, then one per step)
+    bytes_read: int = 0  # weight bytes read from disk, resident blocks' first read included
+    resident_bytes: int = 0  # of which: blocks read once and kept in RAM for the next passes
+    memory: dict = field(default_factory=dict)  # the memory report so far (MemoryReport.as_dict)
 
     @property
     def decode_s_per_token(self) -> float:
         return sum(self.decode_s) / len(self.decode_s) if self.decode_s else 0.0
 
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "reused_prompt_tokens": self.reused_tokens,
+                "completion_tokens": self.completion_tokens, "prefill_s": self.prefill_s,
+                "decode_s_per_token": self.decode_s_per_token, "passes": self.passes, "tokens_run": self.tokens_run,
+                "bytes_read": self.bytes_read, "resident_bytes": self.resident_bytes, "memory": self.memory}
+
 
 class Sampler:
-    """Greedy, or temperature + nucleus sampling from a per-sequence seeded generator."""
+    """Greedy, or temperature + nucleus (top-p) sampling from a per-sequence seeded generator."""
 
     def __init__(self, params: SamplingParams):
         self.p = params
         self.gen = torch.Generator()
         self.gen.manual_seed(params.seed if params.seed is not None else torch.seed())
 
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probabilities sampled from (temperature > 0): softmax(logits / T), cut to the smallest set of
+        most likely tokens whose mass reaches top_p, renormalised."""
+        probs = torch.softmax(logits.float() / self.p.temperature, dim=-1)
+        if self.p.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            keep = (sorted_p.cumsum(0) - sorted_p) < self.p.top_p  # the mass before it has not reached top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+            probs /= probs.sum()
+        return probs
+
     def __call__(self, logits: torch.Tensor) -> Step:
         logp = torch.log_softmax(logits.float(), dim=-1)  # [vocab]
         if self.p.temperature == 0:
             token = int(torch.argmax(logp))
         else:
-            probs = torch.softmax(logits.float() / self.p.temperature, dim=-1)
-            if self.p.top_p < 1:
-                sorted_p, order = probs.sort(descending=True)
-                keep = (sorted_p.cumsum(0) - sorted_p) < self.p.top_p
-                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-            token = int(torch.multinomial(probs, 1, generator=self.gen))
+            token = int(torch.multinomial(self.distribution(logits), 1, generator=self.gen))
         top = []
         if self.p.logprobs:
             values, ids = logp.topk(self.p.logprobs)
             top = [(int(i), float(v)) for i, v in zip(ids, values)]
         return Step(token, float(logp[token]), top)
+
+
+class TextOut:
+    """The text of generated tokens, decoded incrementally, held back where a stop string may be starting.
+    feed(token) returns (text safe to show now, whether a stop string appeared); `text` is the whole text,
+    cut before the first stop string."""
+
+    def __init__(self, tok, stop: Sequence[str] = ()):
+        self.tok, self.stop = tok, [s for s in stop if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text, self.shown = "", 0
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def feed(self, token: int) -> tuple[str, bool]:
+        self.text += self.decoder.decode(self.tok.decode_bytes([token]))
+        cut = min((i for s in self.stop if (i := self.text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+        upto = len(self.text) if cut >= 0 else max(self.shown, len(self.text) - self.hold)
+        out, self.shown = self.text[self.shown:upto], upto
+        return out, cut >= 0
+
+    def flush(self) -> str:
+        """The rest of the text, at the end of the generation."""
+        self.text += self.decoder.decode(b"", final=True)
+        out, self.shown = self.text[self.shown:], len(self.text)
+        return out
 
 
 def check_prompt(ids: Sequence[int], vocab_size: int) -> None:
@@ -93,7 +148,7 @@ def resume_point(cache: KVCache, slot: int, prompt: Sequence[int]) -> int:
     if held and list(prompt[:len(held)]) != held:
         diff = next((i for i, (a, b) in enumerate(zip(held, prompt)) if a != b), min(len(held), len(prompt)))
         raise StreamerError(f"the KV cache holds another prompt (its {len(held)} tokens differ from this one "
-                            f"at position {diff}); use another --kv-dir or remove it")
+                            f"at position {diff}); use another KV folder or remove it")
     keep = min(len(held), len(prompt) - 1)  # the last prompt token always runs: its logits start decoding
     cache.tokens[slot] = held[:keep]
     return keep
@@ -115,6 +170,7 @@ def generate(runner: Runner, cache: KVCache, prompt: Sequence[int], params: Samp
     stats.prefill_s = now() - t0
     for n in range(params.max_new_tokens):
         step = sampler(logits[0])
+        stats.completion_tokens = n + 1
         if step.token in params.stop_ids:
             step.finish_reason = "stop"
         elif n + 1 == params.max_new_tokens:

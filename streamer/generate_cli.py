@@ -2,131 +2,84 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import sys
 from pathlib import Path
 
-import torch
-
-from .budget import parse_size, plan
+from .engine import Engine
 from .errors import StreamerError
-from .generate import GenStats, SamplingParams, generate
-from .kvcache import DiskKVCache
-from .layout import ModelFiles
-from .memory import MemoryMonitor
-from .runner import Runner
-from .tokenizer import ChatFormat, Tokenizer
-
-
-def pick_dtype(name: str) -> torch.dtype:
-    """`auto` is bf16 where the CPU has native bf16 matmuls (AVX512-BF16 or AMX), else float32."""
-    if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+from .generate import GenStats
 
 
 def parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise StreamerError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+        raise StreamerError(f"expected comma-separated integers, got {text!r}", param="prompt_ids") from None
 
 
-def prompt_ids(args, files: ModelFiles) -> tuple[list[int], Tokenizer | None]:
-    tok_path = args.tokenizer or files.tokenizer_path
-    tok = Tokenizer(tok_path) if tok_path else None
-    if args.prompt_ids is not None:
-        return parse_ids(args.prompt_ids), tok
-    if args.prompt is None:
-        raise StreamerError("give --prompt TEXT or --prompt-ids ID,ID,...")
-    if not args.prompt:
-        raise StreamerError("the prompt is empty")
-    if tok is None:
-        raise StreamerError(f"{files.folder}: no tokenizer.model, so --prompt text cannot be encoded; "
-                            "pass --tokenizer PATH or use --prompt-ids")
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-        return ChatFormat(tok).encode_dialog(messages), tok
-    return tok.encode(args.prompt, bos=True), tok
-
-
-def run(args) -> dict:
-    """Generate as the CLI asks; prints text as it comes unless --json. Returns the JSON result."""
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed, logprobs=args.logprobs)
-    params.check()
-    files = ModelFiles(args.model)
-    ids, tok = prompt_ids(args, files)
-    max_seq = files.args.max_seq_len if args.max_seq_len is None else args.max_seq_len
-    if max_seq <= 0:
-        raise StreamerError(f"--max-seq-len must be positive, got {max_seq}")
-    if len(ids) + args.max_new_tokens - 1 > max_seq:
-        raise StreamerError(f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens exceeds --max-seq-len {max_seq}")
-    dtype = pick_dtype(args.dtype)
-    budget = plan(files, parse_size(args.memory_budget) if args.memory_budget else None, 1, len(ids) + args.max_new_tokens)
-    monitor = MemoryMonitor()
-    runner = Runner(files, dtype, monitor, **budget.runner_kwargs())
-    cache = DiskKVCache(files.args, 1, max_seq, dtype, files.manifest_sha256, args.kv_dir)
-    stats, steps = GenStats(), []
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    try:
-        for step in generate(runner, cache, ids, params, stats):
-            steps.append(step)
-            if not args.json:
-                piece = decoder.decode(tok.decode_bytes([step.token])) if tok else f"{step.token} "
-                print(piece, end="", flush=True)
-    finally:
-        runner.close()
-        cache.close()
-        report = monitor.stop()
-    if not args.json:
-        print(flush=True)
-    tokens = [s.token for s in steps]
-    bytes_read = runner.io.bytes_read
-    result = {
-        "prompt_ids": ids, "tokens": tokens, "text": tok.decode(tokens) if tok else None,
-        "logprobs": [s.logprob for s in steps], "top_logprobs": [s.top for s in steps] if args.logprobs else None,
-        "finish_reason": steps[-1].finish_reason,
-        "stats": {"dtype": str(dtype).removeprefix("torch."), "prompt_tokens": len(ids), "reused_prompt_tokens": stats.reused_tokens,
-                  "prefill_s": stats.prefill_s, "decode_s_per_token": stats.decode_s_per_token,
-                  "bytes_read": bytes_read, "memory": report.as_dict()},
-    }
-    line = (f"prefill {stats.prefill_s:.2f} s ({len(ids) - stats.reused_tokens} tokens), "
-            f"decode {stats.decode_s_per_token:.3f} s/token, read {bytes_read / 1e9:.2f} GB; {report.summary()}")
-    print(line, file=sys.stderr)
-    if args.memory_report:
-        print(report.table(), file=sys.stderr)
-    return result
+def summary(stats: GenStats) -> str:
+    """The one stderr line after a generation: times, and bytes read with the resident share named."""
+    resident = (f", {stats.resident_bytes / 1e9:.3f} GB of it once for blocks kept in RAM" if stats.resident_bytes
+                and stats.bytes_read >= stats.resident_bytes else "")
+    return (f"prefill {stats.prefill_s:.2f} s ({stats.prompt_tokens - stats.reused_tokens} tokens"
+            + (f", {stats.reused_tokens} reused from the KV cache" if stats.reused_tokens else "") + "), "
+            f"decode {stats.decode_s_per_token:.3f} s/token, {stats.passes} passes over the weights, "
+            f"read {stats.bytes_read / 1e9:.3f} GB{resident}")
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="a folder written by `streamer split`")
     p.add_argument("--prompt", help="prompt text (BOS is added)")
     p.add_argument("--prompt-ids", help="prompt as token ids, e.g. 128000,1820,4320")
-    p.add_argument("--chat", action="store_true", help="wrap --prompt in Llama 3's chat format")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat format (Llama 3)")
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the one in the model folder)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: sample from the most likely tokens "
+                   "whose probabilities add up to this (1 = all)")
+    p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="also stop where this text appears (repeatable)")
     p.add_argument("--logprobs", type=int, default=0, metavar="K", help="also report the K best tokens per step")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="compute dtype")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype (auto: bfloat16 where the CPU has native bf16 matmuls, else float32)")
     p.add_argument("--max-seq-len", type=int, help="context length (default: the model's, or 8192)")
-    p.add_argument("--kv-dir", type=Path, help="keep the KV cache here (resumable); default: a temporary folder")
+    p.add_argument("--kv-dir", type=Path, help="keep the KV cache here: rerunning with the prompt extended by the "
+                   "output resumes without recomputing it (default: a temporary folder)")
     p.add_argument("--memory-budget", metavar="SIZE", help="RAM this run may use, e.g. 512M or 8G: blocks that fit stay "
-                   "resident, the rest stream through a ring (default: the memory available, cgroup limit included)")
+                   "resident, the rest stream through a ring (default: the memory cgroup's limit, or 85%% of the "
+                   "available memory)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of text")
     p.add_argument("--memory-report", action="store_true", help="print peak memory per phase")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run(args)
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise StreamerError("give --prompt TEXT or --prompt-ids ID,ID,... (one of them)")
+    ids = parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    stats = GenStats()
+    with Engine(args.model, args.memory_budget, args.dtype, max_seq_len=args.max_seq_len, tokenizer=args.tokenizer) as engine:
+        prompt, pieces = engine.prompt_ids(args.prompt, prompt_ids=ids, chat=args.chat, system=args.system), []
+        for piece in engine.stream(prompt_ids=prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, seed=args.seed, logprobs=args.logprobs, stop=args.stop,
+                                   kv_dir=args.kv_dir, stats=stats):
+            pieces.append(piece)
+            if not args.json:
+                print(piece.text if engine.tokenizer else f"{piece.token} ", end="", flush=True)
+        report = engine.memory()
+        dtype = str(engine.dtype).removeprefix("torch.")
+        has_text = engine.tokenizer is not None
+    if not args.json:
+        print(flush=True)
+    print(f"{summary(stats)}; {report.summary()}", file=sys.stderr)
+    if args.memory_report:
+        print(report.table(), file=sys.stderr)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({
+            "prompt_ids": prompt, "tokens": [p.token for p in pieces],
+            "text": "".join(p.text for p in pieces) if has_text else None,
+            "logprobs": [p.logprob for p in pieces], "top_logprobs": [p.top for p in pieces] if args.logprobs else None,
+            "finish_reason": pieces[-1].finish_reason, "stats": {"dtype": dtype, **stats.as_dict()}}))
     return 0

@@ -58,7 +58,28 @@ def config_from_args(a: ModelArgs, dtype: torch.dtype) -> dict:
     return cfg
 
 
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
+# config keys that change the math in ways the block math does not implement: refused unless off
+_MATH_KEYS = {"sliding_window": None, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
+              "attn_logit_softcapping": None, "final_logit_softcapping": None}
+_HARMLESS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old saves: recomputed, never read
+
+
+def check_config(cfg: dict, source: str) -> None:
+    """Refuse what streamer would otherwise run wrongly: another architecture, or a Llama config that turns
+    on something the block math does not do (biases, a sliding window, another activation)."""
+    kind, arch = cfg.get("model_type"), cfg.get("architectures") or list(LLAMA_ARCHITECTURES)
+    if kind != "llama" or any(a not in LLAMA_ARCHITECTURES for a in arch):
+        raise StreamerError(f"{source}: model_type {kind!r} ({', '.join(map(str, arch))}) is not a Llama model; "
+                            "streamer runs LlamaForCausalLM checkpoints only")
+    for key, off in _MATH_KEYS.items():
+        if cfg.get(key) not in (None, off):
+            raise StreamerError(f"{source}: {key} = {cfg[key]!r} changes the model's math in a way streamer does not "
+                                f"implement (it runs {key} = {off!r})")
+
+
 def args_from_config(cfg: dict, source: str) -> ModelArgs:
+    check_config(cfg, source)
     try:
         dim, inter = cfg["hidden_size"], cfg["intermediate_size"]
         params = {"dim": dim, "n_layers": cfg["num_hidden_layers"], "n_heads": cfg["num_attention_heads"],
@@ -110,7 +131,7 @@ class HFCheckpoint:
         if not self.paths:
             raise StreamerError(f"{self.folder}: no model*.safetensors files")
         self.tied = bool(self.config.get("tie_word_embeddings", False))
-        self._where = {}
+        self._where, self._path_of = {}, {}
         self._files = []
         for path in self.paths:
             try:
@@ -119,8 +140,13 @@ class HFCheckpoint:
                 raise StreamerError(f"{path}: not a readable safetensors file ({e})") from None
             self._files.append(f)
             for key in f.keys():
-                self._where[key] = f
+                self._where[key], self._path_of[key] = f, path
         self.shapes = expected_shapes(self.args)
+        wanted = {hf_name(k) for k in self.shapes}
+        for name, f in self._where.items():
+            if name not in wanted and not _HARMLESS.fullmatch(name):
+                raise StreamerError(f"{self._path_of[name]}: unexpected tensor {name!r}: a Llama checkpoint has no such "
+                                    "weight, and streamer would run without it")
         for key, shape in self.shapes.items():
             name = hf_name(key)
             if key == "output.weight" and name not in self._where:

@@ -22,8 +22,7 @@ import torch
 
 from .args import ModelArgs
 from .errors import StreamerError
-from .layout import write_json_atomic
-from .weights import drop_cache
+from .files import drop_cache, write_json_atomic
 
 KV_FORMAT = "streamer-kv"
 KV_VERSION = 1
@@ -63,7 +62,8 @@ class KVCache:
     def reserve(self, slot: int, length: int) -> None:
         """Make room for `length` positions in `slot` before any work starts."""
         if length > self.max_seq:
-            raise StreamerError(f"sequence of {length} tokens exceeds --max-seq-len {self.max_seq}")
+            raise StreamerError(f"{self.max_seq} is too short for a sequence of {length} tokens (prompt + new tokens)",
+                                param="max_seq_len")
 
     def commit(self) -> None:
         """Called after every forward pass, once all blocks hold the new positions."""
@@ -87,9 +87,10 @@ class MemoryKVCache(KVCache):
 
 
 class DiskKVCache(KVCache):
-    """One memory-mapped file per block; only the running block's file is mapped, and it is
-    unmapped and dropped from the page cache when the block is done, so contexts need not fit in RAM.
-    With `directory=None` it lives in a temporary folder removed on close; otherwise it is kept."""
+    """One sparse file per block, read and written with pread/pwrite: only the running block's cached
+    positions are in RAM, and its pages are dropped from the page cache when the block is done, so
+    contexts need not fit in RAM. With `directory=None` it lives in a temporary folder removed on close;
+    otherwise it is kept, with a header that lets a later run resume from it."""
 
     def __init__(self, args: ModelArgs, slots: int, max_seq: int, dtype: torch.dtype,
                  model_sha256: str, directory: Path | None = None):
@@ -99,7 +100,7 @@ class DiskKVCache(KVCache):
         self.keep = directory is not None
         self.dir = Path(directory) if self.keep else Path(tempfile.mkdtemp(prefix="streamer-kv-"))
         if self.dir.exists() and not self.dir.is_dir():
-            raise StreamerError(f"{self.dir}: --kv-dir exists and is not a folder")
+            raise StreamerError(f"{self.dir}: exists and is not a folder (the KV cache needs a folder)")
         self.dir.mkdir(parents=True, exist_ok=True)
         header = self.dir / HEADER
         if header.exists():
@@ -135,7 +136,7 @@ class DiskKVCache(KVCache):
         for key in ("format", "version", "model_manifest_sha256", "dtype", "layout", "n_layers"):
             if h.get(key) != want[key]:
                 raise StreamerError(f"{self.dir}: KV cache was written for another {key.replace('_', ' ')} "
-                                    f"({h.get(key)!r}, this run needs {want[key]!r}); use another --kv-dir or remove it")
+                                    f"({h.get(key)!r}, this run needs {want[key]!r}); use another folder or remove it")
         if h.get("shape", [])[:2] != want["shape"][:2] or h["shape"][3:] != want["shape"][3:]:
             raise StreamerError(f"{self.dir}: KV cache has shape {h.get('shape')}, this run needs {want['shape']}")
         self.max_seq = h["shape"][2]
@@ -147,8 +148,8 @@ class DiskKVCache(KVCache):
                 raise StreamerError(f"{p}: missing or wrong size for the KV cache in {self.dir}")
 
     def reserve(self, slot: int, length: int) -> None:
-        """Allocate the slot's disk blocks now, so a full disk is a clear error here and never a
-        SIGBUS from a mapped write later."""
+        """Allocate the slot's disk blocks now, so a full disk is a clear error here, before any compute,
+        and never a failed write in the middle of a pass."""
         super().reserve(slot, length)
         row = self.args.n_kv_heads * self.args.head_dim * self.dtype.itemsize
         try:

@@ -1,7 +1,7 @@
 """The split model folder: file names, what each file holds and in which order, and the versioned manifest.
 
 A folder holds embedding.safetensors, block_000.safetensors .. block_NNN.safetensors, head.safetensors,
-params.json, optionally tokenizer.model, and manifest.json, written last. Tensors in a file are in the
+params.json, optionally the tokenizer (tokenizer.model, or llama2.c's tokenizer.bin), and manifest.json, written last. Tensors in a file are in the
 order the block math consumes them, so a block streams front to back:
 
     attention_norm, wqkv.0, wqkv.1, ... (row pieces of [wq; wk; wv]), wo.0, ..., ffn_norm,
@@ -22,11 +22,13 @@ import torch
 from . import quant
 from .args import ModelArgs
 from .errors import StreamerError
-from .weights import PAD, read_header, write_atomic
+from .tokenizer import find_tokenizer
+from .weights import PAD, read_header
 
 FORMAT = "streamer-split"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+PARTIAL = ".manifest.partial.json"  # what an interrupted split had finished; a rerun keeps those files
 FFN_PIECE_ROWS = 1024  # hidden rows per FFN piece (3 x 8 MiB for 8B in bf16)
 PIECE_BYTES = 16 << 20  # other matrices are stored in row pieces of at most this many bf16 bytes
 LAYOUT = ("wqkv.k, wo.k, output.k: row pieces (wqkv = [wq; wk; wv]); "
@@ -86,14 +88,14 @@ def _block(args: ModelArgs, i: int) -> list[Entry]:
     return entries
 
 
-def file_plan(args: ModelArgs, quantize: str | None = None) -> list[tuple[str, list[Entry]]]:
+def file_tensors(args: ModelArgs, quantize: str | None = None) -> list[tuple[str, list[Entry]]]:
     """Every weight file, in streaming order, with the tensors it holds in consumption order.
     With `quantize`, each matrix but the embedding becomes its codes and scales (quant.py)."""
-    plan = _plan(args)
+    files = _files(args)
     if quantize:
-        plan = [(f, [x for e in entries for x in _quantized(e, quantize)]) if f != "embedding.safetensors" else (f, entries)
-                for f, entries in plan]
-    return plan
+        files = [(f, [x for e in entries for x in _quantized(e, quantize)]) if f != "embedding.safetensors" else (f, entries)
+                 for f, entries in files]
+    return files
 
 
 def _quantized(entry: Entry, scheme: str) -> list[Entry]:
@@ -110,18 +112,14 @@ def _quantized(entry: Entry, scheme: str) -> list[Entry]:
     return [(n, s, lambda get, pick=pick: pick(result(get)), dt) for n, dt, s, pick in quant.stored(name, shape, scheme)]
 
 
-def _plan(args: ModelArgs) -> list[tuple[str, list[Entry]]]:
-    plan = [("embedding.safetensors", [("tok_embeddings", (args.vocab_size, args.dim),
-                                        lambda get: get("tok_embeddings.weight"))])]
-    plan += [(block_name(i), _block(args, i)) for i in range(args.n_layers)]
+def _files(args: ModelArgs) -> list[tuple[str, list[Entry]]]:
+    files = [("embedding.safetensors", [("tok_embeddings", (args.vocab_size, args.dim),
+                                         lambda get: get("tok_embeddings.weight"))])]
+    files += [(block_name(i), _block(args, i)) for i in range(args.n_layers)]
     head = [("norm", (args.dim,), lambda get: get("norm.weight"))]
     head += row_pieces("output", (args.vocab_size, args.dim), ["output.weight"])
-    plan.append(("head.safetensors", head))
-    return plan
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1).encode())
+    files.append(("head.safetensors", head))
+    return files
 
 
 def read_manifest(folder: Path) -> tuple[dict, bytes]:
@@ -130,8 +128,7 @@ def read_manifest(folder: Path) -> tuple[dict, bytes]:
         raise StreamerError(f"{folder}: no such model folder")
     path = folder / MANIFEST
     if not path.is_file():
-        hint = " (it looks like a Meta checkpoint: run `streamer split` on it first)" if any(folder.glob("*.pth")) else ""
-        raise StreamerError(f"{folder}: not a split model, {MANIFEST} is missing{hint}; create one with `streamer split SRC {folder}`")
+        raise StreamerError(f"{folder}: not a split model ({MANIFEST} is missing); {_split_hint(folder)}")
     raw = path.read_bytes()
     try:
         manifest = json.loads(raw)
@@ -143,6 +140,19 @@ def read_manifest(folder: Path) -> tuple[dict, bytes]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise StreamerError(f"{path}: format version {version} is newer than this streamer reads ({FORMAT_VERSION}); upgrade streamer")
     return manifest, raw
+
+
+def _split_hint(folder: Path) -> str:
+    """The command that makes a split model out of `folder`, when it holds a checkpoint."""
+    named = folder.parent if folder.name == "original" else folder  # HF repos keep Meta's files in original/
+    out = named.with_name(named.name + "-layers")
+    if any(folder.glob("consolidated.*.pth")) or (folder / "original" / "params.json").is_file():
+        return f"it holds a Meta checkpoint: split it first with `streamer split {folder} {out}`"
+    if (folder / "config.json").is_file():
+        return f"it holds a Hugging Face checkpoint: split it first with `streamer split {folder} {out}`"
+    if (folder / PARTIAL).is_file():
+        return "a split into it was interrupted: rerun the same `streamer split` command to finish it"
+    return "make one with `streamer split CHECKPOINT_FOLDER OUTPUT_FOLDER`"
 
 
 def check_file(path: Path, expected_bytes: int):
@@ -169,10 +179,8 @@ class ModelFiles:
         self.files = {f["name"]: f for f in self.manifest["files"]}
         self.dtype = self.manifest["dtype"]
         self.quantize = self.manifest.get("quantize")
-        plan = file_plan(self.args, self.quantize)
-        self.headers = {name: self._check(name, [e[0] for e in entries]) for name, entries in plan}
-        tok = self.folder / "tokenizer.model"
-        self.tokenizer_path = tok if tok.is_file() else None
+        self.headers = {name: self._check(name, [e[0] for e in entries]) for name, entries in file_tensors(self.args, self.quantize)}
+        self.tokenizer_path = find_tokenizer(self.folder)
 
     def _check(self, name: str, tensors: list[str]):
         """Size and header checks, so a truncated file is refused by name before any compute."""

@@ -1,19 +1,22 @@
 """Measuring our own memory honestly: RSS, private (anonymous) and file-backed pages, per phase.
 
-RSS alone misleads a memory-mapped runner: mapped weight pages count in it, yet the kernel can drop
+RSS alone misleads: mapped file pages (torch's libraries) count in it, yet the kernel can drop
 them at will. Private pages are what a machine must really have; file-backed ones are reclaimable.
 """
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import threading
-import time
 from dataclasses import dataclass, field
 
-from .weights import drop_cache
+from .files import drop_cache
 
 KINDS = ("rss", "private", "file")
+NOTE = ("Peak RSS can exceed --memory-budget: it also counts file-backed pages (torch's libraries and other mapped "
+        "files), which the kernel may drop and read again. The budget bounds private memory (ring, resident blocks, "
+        "activations, the running block's KV cache) plus page cache for the code; under a memory cgroup both count.")
 
 
 @dataclass
@@ -33,7 +36,7 @@ class MemoryReport:
             rows.append(f"{phase:<10} " + " ".join(f"{p[k] / 2**20:>8.1f}Mi" for k in KINDS))
         rows.append(f"{'overall':<10} " + " ".join(f"{self.peak[k] / 2**20:>8.1f}Mi" for k in KINDS)
                     + f"   (ru_maxrss {self.ru_maxrss / 2**20:.1f}Mi)")
-        return "\n".join(rows)
+        return "\n".join(rows + [NOTE])
 
     def summary(self) -> str:
         return ", ".join(f"peak {k} {self.peak[k] / 2**20:.0f} MiB ({self.peak_phase[k]})" for k in KINDS)
@@ -45,19 +48,20 @@ class MemoryMonitor:
     def __init__(self, interval: float = 0.01):
         self.phase = "setup"
         self.report = MemoryReport()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._interval = interval
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
         self._thread.start()
 
     def sample(self) -> None:
-        now = rss_parts()
-        phase = self.phase
-        per = self.report.phases.setdefault(phase, dict.fromkeys(KINDS, 0))
-        for k, v in now.items():
-            per[k] = max(per[k], v)
-            if v > self.report.peak[k]:
-                self.report.peak[k], self.report.peak_phase[k] = v, phase
+        parts = rss_parts()
+        with self._lock:
+            per = self.report.phases.setdefault(self.phase, dict.fromkeys(KINDS, 0))
+            for k, v in parts.items():
+                per[k] = max(per[k], v)
+                if v > self.report.peak[k]:
+                    self.report.peak[k], self.report.peak_phase[k] = v, self.phase
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -66,6 +70,14 @@ class MemoryMonitor:
     def set_phase(self, phase: str) -> None:
         self.sample()  # close the previous phase with a fresh sample
         self.phase = phase
+
+    def snapshot(self) -> MemoryReport:
+        """The report so far; sampling goes on."""
+        self.sample()
+        with self._lock:
+            report = copy.deepcopy(self.report)
+        report.ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return report
 
     def stop(self) -> MemoryReport:
         self._stop.set()
@@ -105,7 +117,3 @@ def trim_page_cache() -> None:
             continue
         drop_cache(fd)
         os.close(fd)
-
-
-def now() -> float:
-    return time.perf_counter()

@@ -20,8 +20,11 @@ MAX_PASS_TOKENS = 4096  # longer prompts are prefilled in several passes, boundi
 
 @dataclass
 class IOStats:
-    bytes_read: int = 0  # weight bytes consumed: streamed files per pass, plus embedding rows
-    forwards: int = 0
+    bytes_read: int = 0  # weight bytes read from disk: resident files once, streamed files every pass, embedding rows
+    resident_bytes: int = 0  # of which: files read once and kept in RAM
+    forwards: int = 0  # forward() calls
+    passes: int = 0  # passes over the weights (a long prompt may take several per forward)
+    tokens: int = 0  # tokens run through the blocks
 
 
 class Runner:
@@ -47,6 +50,7 @@ class Runner:
         self.views = {n: ResidentFile(files.folder / n, pieces[n]) if n in resident else StreamedFile(self.stream, pieces[n])
                       for n in self.names}
         self.streamed_bytes = sum(files.files[n]["bytes"] for n in streamed)
+        self.io.resident_bytes = self.io.bytes_read = sum(files.files[n]["bytes"] for n in self.resident)
         index, start = files.headers["embedding.safetensors"]
         dt, shape, begin, _ = index["tok_embeddings"]
         self._emb = (os.open(files.folder / "embedding.safetensors", os.O_RDONLY), dt, shape[1], start + begin)
@@ -66,6 +70,7 @@ class Runner:
             for i, row in zip(want, logits):
                 out[part[i][0]] = row
         cache.commit()
+        self.io.forwards += 1
         return out
 
     def _pass(self, chunks, cache: KVCache, phase: str, want: list[int]) -> torch.Tensor:
@@ -97,7 +102,8 @@ class Runner:
         for slot, new in chunks:
             cache.tokens[slot] += list(new)
         self.io.bytes_read += self.streamed_bytes
-        self.io.forwards += 1
+        self.io.passes += 1
+        self.io.tokens += len(ids)
         return logits
 
     def _embed(self, ids: list[int]) -> torch.Tensor:

@@ -1,48 +1,75 @@
-"""`streamer split SRC DST`: shard a Meta checkpoint into one safetensors file per block, one at a time."""
+"""`streamer split SRC DST`: shard a Meta or Hugging Face checkpoint into one safetensors file per block,
+one file at a time, resumably."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .checkpoint import infer_rope_factor, open_source
+from .checkpoint import MetaCheckpoint, infer_rope_factor
 from .errors import StreamerError
+from .files import drop_cache, sha256_file, write_atomic, write_json_atomic
+from .hf import HFCheckpoint
+from .layout import FORMAT, FORMAT_VERSION, LAYOUT, MANIFEST, PARTIAL, check_file, file_tensors
 from .quant import SCHEMES
-from .layout import FORMAT, FORMAT_VERSION, LAYOUT, MANIFEST, file_plan, write_json_atomic
-from .weights import drop_cache, file_size_for, sha256_file, write_atomic, write_safetensors
+from .weights import file_size_for, write_safetensors
 
-PARTIAL = ".manifest.partial.json"  # what an interrupted split had finished; a rerun keeps those files
+log = logging.getLogger(__name__)
 DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True,
+def open_source(folder: Path):
+    """A Meta checkpoint folder, or a Hugging Face one (config.json + model*.safetensors)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StreamerError(f"{folder}: no such folder")
+    if (folder / "params.json").exists() or any(folder.glob("consolidated.*.pth")):
+        return MetaCheckpoint(folder)
+    if (folder / "config.json").exists():
+        return HFCheckpoint(folder)
+    if (folder / "original" / "params.json").exists():
+        return MetaCheckpoint(folder / "original")
+    if (folder / MANIFEST).exists():
+        raise StreamerError(f"{folder}: this is already a split model; `streamer generate {folder}` runs it")
+    raise StreamerError(f"{folder}: neither a Meta checkpoint (params.json + consolidated.*.pth) nor a Hugging Face "
+                        "one (config.json + model*.safetensors); params.json not found")
+
+
+def split(src: Path, dst: Path, dtype: str | None = None, progress: Callable[[int, int], None] | None = None,
           rope_scaling_factor: float | None = None, quantize: str | None = None) -> Path:
     """Split a Meta (or Hugging Face) checkpoint folder into DST; returns the manifest path.
-    Resumes an interrupted split."""
+    Resumes an interrupted split; a finished split of the same source with the same options is left as it is.
+    progress(done_bytes, total_bytes) is called as files are written."""
     src, dst = Path(src), Path(dst)
+    if quantize not in (None, *SCHEMES):
+        raise StreamerError(f"must be one of {', '.join(SCHEMES)}, got {quantize!r}", param="quantize")
     ckpt = open_source(src)
     _choose_rope_factor(ckpt, rope_scaling_factor)
     out_dtype = DTYPE_CHOICES[dtype] if dtype else ckpt.dtype
     if dst.exists() and not dst.is_dir():
         raise StreamerError(f"{dst}: destination exists and is not a folder")
+    contents = [(name, {e[0]: (e[3] if len(e) > 3 else out_dtype, e[1]) for e in entries}, entries)
+                for name, entries in file_tensors(ckpt.args, quantize)]
+    identity = {"args": ckpt.args.to_dict(), "dtype": str(out_dtype).removeprefix("torch."), "quantize": quantize,
+                "source": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in ckpt.paths]}
+    if _finished(dst, identity):
+        log.info(f"{dst} already holds this split (same source files and options; sizes and headers checked): "
+                 "nothing to do. `streamer verify --full` checks every byte.")
+        return dst / MANIFEST
     dst.mkdir(parents=True, exist_ok=True)
     (dst / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
-    if quantize not in (None, *SCHEMES):
-        raise StreamerError(f"--quantize must be one of {', '.join(SCHEMES)}, got {quantize!r}")
-    plan = [(name, {e[0]: (e[3] if len(e) > 3 else out_dtype, e[1]) for e in entries}, entries)
-            for name, entries in file_plan(ckpt.args, quantize)]
-    identity = {"args": ckpt.args.to_dict(), "dtype": str(out_dtype).removeprefix("torch."), "quantize": quantize,
-                "source": [(p.name, p.stat().st_size) for p in ckpt.paths]}
     done = _resume(dst, identity)
-    _check_space(dst, sum(file_size_for(spec) for name, spec, _ in plan if name not in done))
-    bar = _progress(sum(file_size_for(spec) for _, spec, _ in plan), progress)
-    for name, spec, entries in plan:
+    _check_space(dst, sum(file_size_for(spec) for name, spec, _ in contents if name not in done))
+    total, written = sum(file_size_for(spec) for _, spec, _ in contents), 0
+    for name, spec, entries in contents:
         if name not in done:
             tensors = {e[0]: (spec[e[0]][0], e[1], lambda make=e[2]: make(ckpt.tensor)) for e in entries}
             try:
@@ -55,13 +82,14 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True,
             for path in ckpt.paths:  # the source pages we just read are not needed again
                 with open(path, "rb") as f:
                     drop_cache(f.fileno())
-        bar.update(done[name]["bytes"])
-    bar.close()
+        written += done[name]["bytes"]
+        if progress:
+            progress(written, total)
     extras = {"params.json": ckpt.params_json()}
     if ckpt.tokenizer_path:
-        extras["tokenizer.model"] = ckpt.tokenizer_path.read_bytes()
+        extras[ckpt.tokenizer_path.name] = ckpt.tokenizer_path.read_bytes()
     else:
-        print(ckpt.missing_tokenizer_hint(), file=sys.stderr)
+        log.warning(ckpt.missing_tokenizer_hint())
     for name, data in extras.items():
         try:
             write_atomic(dst / name, data)
@@ -75,13 +103,33 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: bool = True,
     return dst / MANIFEST
 
 
+def _same(recorded: dict, identity: dict) -> bool:
+    return all(recorded.get(k) == json.loads(json.dumps(v)) for k, v in identity.items())
+
+
+def _finished(dst: Path, identity: dict) -> bool:
+    """A complete split of the same source with the same options: manifest, every file of its size and header."""
+    try:
+        manifest = json.loads((dst / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not _same(manifest, identity):
+        return False
+    try:
+        for entry in manifest["files"]:
+            check_file(dst / entry["name"], entry["bytes"])
+    except (StreamerError, KeyError, TypeError):
+        return False
+    return True
+
+
 def _resume(dst: Path, identity: dict) -> dict[str, dict]:
     """Files an interrupted split finished, checked by size and sha256; anything else is redone."""
     try:
         partial = json.loads((dst / PARTIAL).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    if any(partial.get(k) != json.loads(json.dumps(v)) for k, v in identity.items()):
+    if not _same(partial, identity):
         return {}
     kept = {}
     for entry in partial.get("files", []):
@@ -89,7 +137,7 @@ def _resume(dst: Path, identity: dict) -> dict[str, dict]:
         if path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]:
             kept[entry["name"]] = entry
     if kept:
-        print(f"resuming: {len(kept)} finished file(s) in {dst} kept", file=sys.stderr)
+        log.info(f"resuming: {len(kept)} finished file(s) in {dst} kept")
     return kept
 
 
@@ -110,18 +158,28 @@ def _choose_rope_factor(ckpt, given: float | None) -> None:
     else:
         factor, why = infer_rope_factor(ckpt.args)
     if not factor > 0:
-        raise StreamerError(f"--rope-scaling-factor must be positive, got {factor}")
+        raise StreamerError(f"must be positive, got {factor}", param="rope_scaling_factor")
     ckpt.args = dataclasses.replace(ckpt.args, rope_scale_factor=float(factor))
-    print(f"rope scaling: factor {factor:g} ({why})", file=sys.stderr)
+    log.info(f"rope scaling: factor {factor:g} ({why})")
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(desc: str, enabled: bool = True):
+    """A tqdm bar on stderr for split's progress callback (the CLI's, not the library's)."""
     from tqdm.auto import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, desc="split", disable=not enabled, file=sys.stderr)
+    bars = []  # made at the first update, so a split that fails at once shows no bar
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled, file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+        if done >= total:
+            bars[0].close()
+    return update
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("src", type=Path, help="Meta checkpoint folder (consolidated.*.pth, params.json, tokenizer.model)")
+    p.add_argument("src", type=Path, help="a Meta checkpoint folder (params.json, consolidated.*.pth, tokenizer.model) "
+                   "or a Hugging Face one (config.json, model*.safetensors; Meta's files in original/ also work)")
     p.add_argument("dst", type=Path, help="output folder for the layer files and manifest")
     p.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), help="store weights in this dtype (default: the source's)")
     p.add_argument("--rope-scaling-factor", type=float,
@@ -132,7 +190,7 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    manifest = split(args.src, args.dst, args.dtype, progress=not args.quiet, rope_scaling_factor=args.rope_scaling_factor,
-                     quantize=args.quantize)
-    print(f"wrote {manifest.parent} ({json.loads(manifest.read_text())['args']['n_layers']} blocks)", file=sys.stderr)
+    manifest = split(args.src, args.dst, args.dtype, progress=progress_bar("split", not args.quiet),
+                     rope_scaling_factor=args.rope_scaling_factor, quantize=args.quantize)
+    print(f"{manifest.parent}: {json.loads(manifest.read_text())['args']['n_layers']} blocks", file=sys.stderr)
     return 0

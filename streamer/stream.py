@@ -1,7 +1,7 @@
 """Weight streaming: a reader thread keeps the next pieces of the model coming into a bounded ring buffer.
 
 The runner consumes tensors in exactly the order the files store them (layout.py), step after step.
-A planner thread walks that same order, cyclically and across token steps, and reads each piece into
+A filler thread walks that same order, cyclically and across token steps, and reads each piece into
 the ring as soon as there is room, with large aligned preads split over a few reader threads
 (O_DIRECT where the filesystem allows it, so the page cache is neither filled nor charged). The ring's
 size is the memory the weights may take; blocks kept resident (a memory budget) are read once and
@@ -20,7 +20,8 @@ import torch
 
 from .errors import StreamerError
 from .quant import Int4Weight, Int8Weight
-from .weights import PAD, drop_cache
+from .files import drop_cache
+from .weights import PAD
 
 ALIGN = 4096
 READ_CHUNK = 16 << 20  # bytes per pread; measured here: 16 MiB over 4 readers matched a cold sequential read
@@ -42,7 +43,7 @@ class Piece:
 
 
 @dataclass
-class _Slot:
+class _Region:
     piece: Piece
     start: int  # where its span starts in the ring
     length: int
@@ -96,48 +97,48 @@ class WeightStream:
         self.direct = all(d for _, d in opened)
         self.pool = ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix="streamer-read")
         self.cond = threading.Condition()
-        self.slots: list[_Slot] = []  # allocated and not yet released, oldest first
-        self.taken: list[_Slot] = []
-        self._planned = 0
+        self.regions: list[_Region] = []  # ring regions allocated and not yet released, oldest first
+        self.taken: list[_Region] = []
+        self._queued = 0
         self._stop = False
-        self.planner = threading.Thread(target=self._plan, name="streamer-plan", daemon=True)  # starts at the first take
+        self.filler = threading.Thread(target=self._fill, name="streamer-fill", daemon=True)  # starts at the first take
 
     # --- producer ---------------------------------------------------------------------------------------
     def _room(self, length: int) -> int | None:
-        """Ring offset for `length` bytes after the newest slot, if free (slots are freed oldest first)."""
-        if not self.slots:
+        """Ring offset for `length` bytes after the newest region, if free (regions are freed oldest first)."""
+        if not self.regions:
             return 0
-        head = self.slots[-1].start + self.slots[-1].length
-        tail = self.slots[0].start
+        head = self.regions[-1].start + self.regions[-1].length
+        tail = self.regions[0].start
         if head > tail:  # in use: [tail, head); free: [head, size) and [0, tail)
             if head + length <= self.size:
                 return head
             return 0 if length <= tail else None
         return head if head + length <= tail else None  # wrapped: free is [head, tail)
 
-    def _plan(self) -> None:
+    def _fill(self) -> None:
         n = len(self.order)
         while True:
-            piece = self.order[self._planned % n]
+            piece = self.order[self._queued % n]
             a, b = piece.span
             with self.cond:
                 while not self._stop and (pos := self._room(b - a)) is None:
                     self.cond.wait()
                 if self._stop:
                     return
-                slot = _Slot(piece, pos, b - a)
-                self.slots.append(slot)
-                self._planned += 1
+                region = _Region(piece, pos, b - a)
+                self.regions.append(region)
+                self._queued += 1
                 self.cond.notify_all()
             chunks = [(off, min(READ_CHUNK, b - off)) for off in range(a, b, READ_CHUNK)]
-            slot.pending = len(chunks)
+            region.pending = len(chunks)
             for off, length in chunks:
-                self.pool.submit(self._read, slot, off, length)
+                self.pool.submit(self._read, region, off, length)
 
-    def _read(self, slot: _Slot, off: int, length: int) -> None:
+    def _read(self, region: _Region, off: int, length: int) -> None:
         try:
-            fd = self.fds[slot.piece.file]
-            dst = memoryview(self.ring)[slot.start + off - slot.piece.span[0]:][:length]
+            fd = self.fds[region.piece.file]
+            dst = memoryview(self.ring)[region.start + off - region.piece.span[0]:][:length]
             got = 0
             while got < length:
                 n = os.preadv(fd, [dst[got:]], off + got)
@@ -146,40 +147,40 @@ class WeightStream:
                 got += n
             if not self.direct:
                 os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
-            if off + got < slot.piece.offset + slot.piece.nbytes and got < length:
-                raise StreamerError(f"{self.paths[slot.piece.file]}: file ended early while reading {slot.piece.name!r}")
+            if off + got < region.piece.offset + region.piece.nbytes and got < length:
+                raise StreamerError(f"{self.paths[region.piece.file]}: file ended early while reading {region.piece.name!r}")
         except BaseException as e:  # surfaced to the consumer, which names the file
-            slot.error = e if isinstance(e, StreamerError) else StreamerError(
-                f"{self.paths[slot.piece.file]}: read failed ({getattr(e, 'strerror', None) or e})")
+            region.error = e if isinstance(e, StreamerError) else StreamerError(
+                f"{self.paths[region.piece.file]}: read failed ({getattr(e, 'strerror', None) or e})")
         with self.cond:
-            slot.pending -= 1
-            if slot.pending == 0:
-                slot.ready.set()
+            region.pending -= 1
+            if region.pending == 0:
+                region.ready.set()
 
     # --- consumer ---------------------------------------------------------------------------------------
     def take(self, name: str) -> torch.Tensor:
         """The next piece in stream order, which must be `name`; waits until it has been read."""
-        if self.planner.ident is None:
-            self.planner.start()
+        if self.filler.ident is None:
+            self.filler.start()
         with self.cond:
-            while len(self.slots) <= len(self.taken):  # not even planned yet
+            while len(self.regions) <= len(self.taken):  # not even queued yet
                 self.cond.wait()
-            slot = self.slots[len(self.taken)]
-        if slot.piece.name != name:
-            raise StreamerError(f"{self.paths[slot.piece.file]}: expected tensor {name!r} next, the file has "
-                                f"{slot.piece.name!r} (a layout from another streamer version?)")
-        slot.ready.wait()
-        if slot.error:
-            raise slot.error
-        self.taken.append(slot)
-        q = slot.piece
-        begin = slot.start + q.offset - q.span[0]
+            region = self.regions[len(self.taken)]
+        if region.piece.name != name:
+            raise StreamerError(f"{self.paths[region.piece.file]}: expected tensor {name!r} next, the file has "
+                                f"{region.piece.name!r} (a layout from another streamer version?)")
+        region.ready.wait()
+        if region.error:
+            raise region.error
+        self.taken.append(region)
+        q = region.piece
+        begin = region.start + q.offset - q.span[0]
         return self.view[begin:begin + q.nbytes].view(q.dtype).view(q.shape)
 
     def release(self) -> None:
         """Everything taken so far is no longer used: its ring space goes back to the reader."""
         with self.cond:
-            del self.slots[:len(self.taken)]
+            del self.regions[:len(self.taken)]
             self.taken.clear()
             self.cond.notify_all()
 
@@ -187,8 +188,8 @@ class WeightStream:
         with self.cond:
             self._stop = True
             self.cond.notify_all()
-        if self.planner.ident is not None:
-            self.planner.join()
+        if self.filler.ident is not None:
+            self.filler.join()
         self.pool.shutdown(wait=True)
         for fd in self.fds:
             os.close(fd)

@@ -1,8 +1,10 @@
-"""Llama 3's tiktoken BPE tokenizer and chat format, loaded from Meta's tokenizer.model."""
+"""Tokenizers: Llama 3's tiktoken BPE and chat format (Meta's tokenizer.model), and llama2.c's small
+SentencePiece-style vocabularies (tokenizer.bin, tok512.bin), which the trained stories260K model uses."""
 from __future__ import annotations
 
 import base64
 import importlib.util
+import struct
 from pathlib import Path
 from typing import Sequence
 
@@ -95,3 +97,67 @@ class ChatFormat:
                 raise StreamerError(f"message {i}: expected {{'role': str, 'content': str}}")
             ids += self.encode_message(m["role"], m["content"])
         return ids + self.encode_header("assistant")
+
+
+class Llama2cTokenizer:
+    """llama2.c's tokenizer.bin format: int32 max piece length, then per piece a float32 merge score, an int32
+    length and the bytes. Ids 0, 1, 2 are <unk>, <s> (BOS), </s> (EOS); ids 3..258 are the bytes <0x00>..<0xFF>.
+    Encoding follows llama2.c's run.c: a dummy prefix space, one piece per UTF-8 character (its bytes where the
+    character has none), then repeatedly the best-scoring merge of two neighbours."""
+
+    bos_id, eos_id = 1, 2
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+            self.pieces, self.scores, off = [], [], 4
+            while off < len(data):
+                score, n = struct.unpack_from("<fi", data, off)
+                self.pieces.append(data[off + 8:off + 8 + n])
+                self.scores.append(score)
+                off += 8 + n
+        except OSError as e:
+            raise StreamerError(f"{path}: cannot read tokenizer ({e.strerror})") from None
+        except struct.error:
+            raise StreamerError(f"{path}: truncated (not a llama2.c tokenizer.bin)") from None
+        if len(self.pieces) < 259 or self.pieces[3] != b"<0x00>":
+            raise StreamerError(f"{path}: not a llama2.c tokenizer.bin (no byte pieces at ids 3..258)")
+        self.ids = {p: i for i, p in enumerate(self.pieces)}
+        self.n_words = len(self.pieces)
+        self.stop_ids = frozenset({self.eos_id})
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = []
+        for ch in (" " + text) if text else "":
+            b = ch.encode()
+            ids += [self.ids[b]] if b in self.ids else [x + 3 for x in b]
+        while True:
+            merges = [(self.scores[m], -k, k, m) for k in range(len(ids) - 1)
+                      if (m := self.ids.get(self.pieces[ids[k]] + self.pieces[ids[k + 1]])) is not None]
+            if not merges:
+                break
+            *_, k, m = max(merges)  # the best score; the leftmost pair on a tie, as run.c
+            ids[k:k + 2] = [m]
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return b"".join(bytes([t - 3]) if 3 <= t < 259 else self.pieces[t] for t in ids if t not in (0, 1, 2))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text; the dummy prefix space that encoding adds is dropped, as SentencePiece does."""
+        text = self.decode_bytes(ids).decode("utf-8", "replace")
+        return text[1:] if text.startswith(" ") else text
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.bin", "tok512.bin")  # the tiktoken file, or llama2.c's
+
+
+def find_tokenizer(folder: Path) -> Path | None:
+    return next((folder / n for n in TOKENIZER_FILES if (folder / n).is_file()), None)
+
+
+def load_tokenizer(path: Path):
+    """A Tokenizer for Meta's tokenizer.model, a Llama2cTokenizer for llama2.c's .bin files."""
+    path = Path(path)
+    return Llama2cTokenizer(path) if path.suffix == ".bin" else Tokenizer(path)

@@ -1,7 +1,8 @@
-"""All weight-file I/O: safetensors headers, streamed writing, memory-mapped reading, eviction.
+"""Weight files: safetensors headers (read and checked) and streamed, aligned, atomic writing.
 
-Layer files are plain safetensors, read here without the safetensors library so that every
-header is checked against the file size before a byte of it is mapped.
+Layer files are plain safetensors. Their headers are parsed here without the safetensors library, so
+that every entry is checked against the file size before a byte of data is read; the bytes themselves
+are read by the weight stream (stream.py) with preads into its ring.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 from .errors import StreamerError
+from .files import CHUNK, drop_cache
 
 DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -22,7 +24,6 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20
-_CHUNK = 64 << 20  # bytes per write: bounds the buffers a split holds
 
 
 def read_header(path: Path, file_size: int | None = None) -> tuple[dict, int]:
@@ -112,8 +113,8 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple, C
                 if tuple(t.shape) != tuple(shape):
                     raise StreamerError(f"{path}: tensor {name!r} came out {list(t.shape)}, expected {list(shape)}")
                 flat = t.to(dtype).contiguous().reshape(-1).view(torch.uint8)
-                for i in range(0, flat.numel(), _CHUNK):
-                    chunk = flat[i:i + _CHUNK].numpy()
+                for i in range(0, flat.numel(), CHUNK):
+                    chunk = flat[i:i + CHUNK].numpy()
                     digest.update(chunk)
                     f.write(chunk)
                 del t, flat
@@ -126,34 +127,3 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple, C
         tmp.unlink(missing_ok=True)
         raise
     return size, digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to NAME.tmp, fsync, rename over `path`: readers see the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def drop_cache(fd: int) -> None:
-    """Ask the kernel to drop this file's clean pages from the page cache (dirty ones start writeback)."""
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except (AttributeError, OSError):
-        pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-        drop_cache(f.fileno())
-    return digest.hexdigest()

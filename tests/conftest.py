@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamer import DiskKVCache, ModelFiles, Runner, SamplingParams, generate
+from streamer import Engine, GenStats
+from streamer.demo import STORIES  # the trained stories260K model that ships with streamer
 from streamer.split import split
 from streamer.synthetic import write_checkpoint
 from streamer.tokenizer import packaged_tokenizer_path
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 # Three shapes the references are checked on: GQA; Llama 3.1 scaled RoPE; head_dim 64 with a tied head.
 GQA = {"dim": 64, "n_layers": 3, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
@@ -26,7 +25,7 @@ SHAPES = {"gqa": (GQA, False), "scaled_rope": (SCALED, False), "hd64_tied": (HD6
 
 def make_split(root: Path, params: dict, tied: bool = False, dtype=torch.float32, seed: int = 0) -> Path:
     meta = write_checkpoint(root / "meta", params, dtype, seed=seed, tied=tied, tokenizer=False)
-    split(meta, root / "layers", progress=False)
+    split(meta, root / "layers")
     return root / "layers"
 
 
@@ -44,16 +43,22 @@ def tokenizer_path() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def llama3_tiny(tmp_path_factory, tokenizer_path) -> Path:
+    """The `tiny` preset (Llama 3's vocabulary, 4 small blocks) with the real tokenizer, split."""
+    from streamer.synthetic import PRESETS
+    root = tmp_path_factory.mktemp("llama3_tiny")
+    write_checkpoint(root / "meta", PRESETS["tiny"], torch.bfloat16, seed=3)
+    split(root / "meta", root / "layers")
+    return root / "layers"
+
+
 def stream(folder: Path, prompt: list[int], n: int, dtype=torch.float32, kv_dir=None, runner_kw=None, **kw):
-    """Greedy generation through the streamed runner and a disk KV cache: (steps, runner)."""
-    files = ModelFiles(folder)
-    cache = DiskKVCache(files.args, 1, 256, dtype, files.manifest_sha256, kv_dir)
-    try:
-        with Runner(files, dtype, **(runner_kw or {})) as runner:
-            steps = list(generate(runner, cache, prompt, SamplingParams(max_new_tokens=n, stop_ids=frozenset(), **kw)))
-    finally:
-        cache.close()
-    return steps, runner
+    """Greedy generation through the Engine (streamed runner, disk KV cache): (pieces, stats)."""
+    stats = GenStats()
+    with Engine(folder, dtype=dtype, max_seq_len=256, runner_options=runner_kw) as engine:
+        pieces = list(engine.stream(prompt_ids=prompt, max_new_tokens=n, kv_dir=kv_dir, stats=stats, **kw))
+    return pieces, stats
 
 
 def load_meta_state(meta: Path) -> dict[str, torch.Tensor]:

@@ -1,42 +1,50 @@
-"""End to end through the command line: make_checkpoint -> split -> generate, in tmp_path."""
+"""End to end through the command line, as a newcomer meets it: split -> generate, the demo, --version,
+--help for every option, one-line errors naming the flag, hints, download failures, and split's no-op."""
 import json
+import re
+import socket
 import subprocess
 import sys
-from pathlib import Path
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from streamer.layout import read_manifest
+from conftest import GQA
+from streamer.cli import build_parser
+from streamer.layout import MANIFEST, read_manifest
+from streamer.synthetic import write_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def cli(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "streamer", *map(str, args)], capture_output=True, text=True, timeout=300)
+def cli(*args, check=True, env=None):
+    r = subprocess.run([sys.executable, "-m", "streamer", *map(str, args)], capture_output=True, text=True, timeout=300,
+                       env=env)
     if check:
         assert r.returncode == 0, r.stderr
     return r
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, ROOT / "tools" / "make_checkpoint.py", root / "meta", "--preset", "tiny",
-                    "--dtype", "float32", "--seed", "3"], check=True, capture_output=True, timeout=300)
-    cli("split", root / "meta", root / "layers", "--quiet")
-    return root / "layers"
+def one_error_line(r, *words):
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
 
 
-def test_split_output(tiny):
-    manifest, _ = read_manifest(tiny)
+def test_split_output(llama3_tiny):
+    manifest, _ = read_manifest(llama3_tiny)
     names = {f["name"] for f in manifest["files"]}
-    assert {"embedding.safetensors", "head.safetensors", "params.json", "block_000.safetensors", "block_003.safetensors"} <= names
-    assert manifest["dtype"] == "float32" and manifest["args"]["n_layers"] == 4
-    assert all(len(f["sha256"]) == 64 and f["bytes"] == (tiny / f["name"]).stat().st_size for f in manifest["files"])
+    assert {"embedding.safetensors", "head.safetensors", "params.json", "tokenizer.model", "block_000.safetensors",
+            "block_003.safetensors"} <= names
+    assert manifest["dtype"] == "bfloat16" and manifest["args"]["n_layers"] == 4
+    assert all(len(f["sha256"]) == 64 and f["bytes"] == (llama3_tiny / f["name"]).stat().st_size for f in manifest["files"])
 
 
-def test_generate_json_from_ids(tiny):
-    r = cli("generate", tiny, "--prompt-ids", "128000,1820,4320", "--max-new-tokens", "5", "--dtype", "float32",
+def test_generate_json_from_ids(llama3_tiny):
+    r = cli("generate", llama3_tiny, "--prompt-ids", "128000,1820,4320", "--max-new-tokens", "5", "--dtype", "float32",
             "--json", "--logprobs", "3")
     out = json.loads(r.stdout)
     assert out["prompt_ids"] == [128000, 1820, 4320] and len(out["tokens"]) == 5 == len(out["logprobs"])
@@ -44,27 +52,153 @@ def test_generate_json_from_ids(tiny):
     assert all(len(top) == 3 and top[0][1] >= top[-1][1] for top in out["top_logprobs"])
     assert out["top_logprobs"][0][0] == [out["tokens"][0], out["logprobs"][0]]  # greedy picks the best
     stats = out["stats"]
-    assert stats["prefill_s"] > 0 and stats["decode_s_per_token"] > 0 and stats["bytes_read"] > 0
+    assert stats["prefill_s"] > 0 and stats["decode_s_per_token"] > 0 and stats["passes"] == 5
     assert stats["memory"]["peak_rss"] > 0 and stats["memory"]["peak_private"] > 0
     assert "peak rss" in r.stderr
 
 
-def test_generate_text_prints_as_it_goes(tiny, tokenizer_path):
-    r = cli("generate", tiny, "--prompt", "the answer to the ultimate question of life, the universe, and everything is ",
+def test_bytes_read_count_resident_blocks(llama3_tiny):
+    """With everything in RAM, what was read is the blocks and head once, plus one embedding row per token."""
+    files = {f["name"]: f["bytes"] for f in read_manifest(llama3_tiny)[0]["files"]}
+    stats = json.loads(cli("generate", llama3_tiny, "--prompt-ids", "128000,1820,4320", "--max-new-tokens", "4",
+                           "--json").stdout)["stats"]
+    weights = sum(v for k, v in files.items() if k.startswith("block_") or k == "head.safetensors")
+    assert stats["resident_bytes"] == weights
+    assert stats["bytes_read"] == weights + stats["tokens_run"] * 128 * 2  # dim 128, bf16 rows
+    assert stats["tokens_run"] == 3 + 3
+
+
+def test_generate_text_prints_as_it_goes(llama3_tiny):
+    r = cli("generate", llama3_tiny, "--prompt", "the answer to the ultimate question of life, the universe, and everything is ",
             "--max-new-tokens", "4", "--dtype", "float32", "--memory-report")
     assert r.stdout.strip()
     assert "phase" in r.stderr and "decode" in r.stderr
-    j = json.loads(cli("generate", tiny, "--prompt", "Hi", "--chat", "--system", "Be brief.", "--max-new-tokens", "2",
+    assert "Peak RSS can exceed --memory-budget" in r.stderr  # and says why: file-backed pages
+    j = json.loads(cli("generate", llama3_tiny, "--prompt", "Hi", "--chat", "--system", "Be brief.", "--max-new-tokens", "2",
                        "--json").stdout)
     assert j["prompt_ids"][:4] == [128000, 128006, 9125, 128007] and j["prompt_ids"][-4:] == [128006, 78191, 128007, 271]
 
 
-def test_same_greedy_output_as_python_api(tiny):
-    a = json.loads(cli("generate", tiny, "--prompt-ids", "128000,1820", "--max-new-tokens", "6", "--dtype", "float32", "--json").stdout)
-    b = json.loads(cli("generate", tiny, "--prompt-ids", "128000,1820", "--max-new-tokens", "6", "--dtype", "float32", "--json").stdout)
-    assert a["tokens"] == b["tokens"]
+def test_cli_and_engine_agree(llama3_tiny):
+    from streamer import Engine
+    a = json.loads(cli("generate", llama3_tiny, "--prompt-ids", "128000,1820", "--max-new-tokens", "6", "--dtype", "float32",
+                       "--json").stdout)
+    with Engine(llama3_tiny, dtype="float32") as engine:
+        b = engine.generate(prompt_ids=[128000, 1820], max_new_tokens=6)
+    assert a["tokens"] == b.tokens and a["text"] == b.text
 
 
-def test_demo(tmp_path):
-    r = cli("demo", "--dir", tmp_path / "demo", "--max-new-tokens", "3")
-    assert "tokens:" in r.stdout and "random" in r.stderr and "peak" in r.stderr
+def test_demo_tells_the_story(tmp_path):
+    r = cli("demo", "--dir", tmp_path / "demo", "--max-new-tokens", "20")
+    assert r.stdout.startswith("Once upon a time, there was a little girl named Lily."), r.stdout
+    assert "streams its 5 blocks from disk" in r.stderr and "20 passes over the weights" in r.stderr
+    read = float(re.search(r"read ([\d.]+) GB", r.stderr).group(1))
+    assert read > 0
+    flags = {o for a in build_parser()[0]._subparsers._group_actions[0].choices["demo"]._actions for o in a.option_strings}
+    assert set(re.findall(r"--[a-z][a-z-]*", r.stderr + r.stdout)) <= flags  # it never names a flag it lacks
+    again = cli("demo", "--dir", tmp_path / "demo", "--max-new-tokens", "20")
+    assert again.stdout == r.stdout and "already holds this split" in again.stderr
+
+
+def test_version():
+    r = cli("--version")
+    assert re.fullmatch(r"streamer \d+\.\d+\.\d+\S*\n", r.stdout)
+
+
+def test_every_option_of_every_command_has_help():
+    parser, _ = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) >= {"split", "download", "generate", "batch", "plan", "verify", "info", "demo", "memcap"}
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help and action.help.strip(), f"streamer {name} {action.option_strings or action.dest}"
+        assert sub.format_help()
+    top = cli("--help").stdout
+    assert all(name in top for name in commands)
+    split_help = " ".join(commands["split"].format_help().split())
+    assert "Meta checkpoint folder" in split_help and "Hugging Face" in split_help
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+    (["--temperature", "-1"], "--temperature must be >= 0 (0 = greedy), got -1.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--logprobs", "-2"], "--logprobs must be an integer >= 0, got -2"),
+    (["--max-seq-len", "2"], "--max-seq-len 2 is too short for a prompt of 3 tokens + 64 new tokens"),
+    (["--max-seq-len", "0"], "--max-seq-len must be a positive integer, got 0"),
+    (["--dtype", "float64"], "--dtype: invalid choice"),
+    (["--max-new-tokens", "many"], "--max-new-tokens: invalid int value"),
+    (["--prompt-ids", "1,x"], "--prompt-ids expected comma-separated integers"),
+])
+def test_errors_name_the_flag(llama3_tiny, args, message, capsys):
+    """In process, for speed: the same main() the command runs."""
+    from streamer.cli import main
+    base = ["generate", str(llama3_tiny)] + ([] if "--prompt-ids" in args else ["--prompt-ids", "128000,1,2"])
+    try:
+        code = main(base + args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_pointing_at_a_checkpoint_gives_the_split_command(tmp_path):
+    meta = write_checkpoint(tmp_path / "meta", GQA, tokenizer=False)
+    for command in ("generate", "verify", "info"):
+        extra = ["--prompt-ids", "1,2"] if command == "generate" else []
+        line = one_error_line(cli(command, meta, *extra, check=False), "holds a Meta checkpoint")
+    suggested = re.search(r"`(streamer split [^`]+)`", line).group(1).split()[1:]
+    cli(*suggested, "--quiet")  # the hint's command works as written
+    assert json.loads(cli("generate", suggested[-1], "--prompt-ids", "1,2", "--max-new-tokens", "2", "--json").stdout)["tokens"]
+
+
+def test_split_onto_a_finished_split_does_nothing(tmp_path):
+    meta = write_checkpoint(tmp_path / "meta", GQA, tokenizer=False)
+    out = tmp_path / "out"
+    cli("split", meta, out, "--quiet")
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = cli("split", meta, out, "--quiet")
+    assert "already holds this split" in r.stderr and "nothing to do" in r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # not one file rewritten
+    cli("split", meta, out, "--quiet", "--dtype", "bfloat16")  # other options: a new split
+    assert read_manifest(out)[0]["dtype"] == "bfloat16"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Refuse401(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{"error": "Invalid credentials in Authorization header"}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *a):
+        pass
+
+
+def test_download_failures_are_one_line(tmp_path):
+    import os
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env.pop("HF_HUB_OFFLINE", None)
+    closed = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}  # no network: nothing listens there
+    one_error_line(cli("download", "meta-llama/Meta-Llama-3-8B", tmp_path / "x", check=False, env=closed),
+                   "cannot reach the Hugging Face Hub", "HF_HUB_OFFLINE")
+    one_error_line(cli("download", "not a repo!", tmp_path / "x", check=False, env=closed), "not a valid repo id")
+    server = HTTPServer(("127.0.0.1", 0), Refuse401)  # a Hub on loopback that refuses every token
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        refusing = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_TOKEN": "hf_wrong"}
+        one_error_line(cli("download", "meta-llama/Meta-Llama-3-8B", tmp_path / "x", check=False, env=refusing),
+                       "meta-llama/Meta-Llama-3-8B", "refused the token (401)")
+    finally:
+        server.shutdown()
+    assert not (tmp_path / "x" / MANIFEST).exists()

@@ -228,12 +228,13 @@ def test_folder_never_split(meta):
     (["--prompt-ids", "1,512"], ["512", "vocabulary"]),
     (["--prompt-ids=-3,4"], ["-3", "vocabulary"]),
     (["--prompt-ids", ""], ["prompt is empty"]),
-    (["--prompt-ids", "1,2,3,4,5,6", "--max-seq-len", "4"], ["exceeds --max-seq-len 4"]),
-    (["--prompt-ids", "1,2", "--max-new-tokens", "0"], ["max_new_tokens"]),
-    (["--prompt-ids", "1,2", "--temperature", "-0.5"], ["temperature"]),
-    (["--prompt-ids", "1,2", "--top-p", "0"], ["top_p"]),
-    (["--prompt-ids", "1,2", "--top-p", "1.5"], ["top_p"]),
-    (["--prompt", "hello"], ["tokenizer.model", "--prompt-ids"]),
+    (["--prompt-ids", "1,2,3,4,5,6", "--max-seq-len", "4"], ["--max-seq-len 4 is too short"]),
+    (["--prompt-ids", "1,2", "--max-new-tokens", "0"], ["--max-new-tokens must be a positive integer, got 0"]),
+    (["--prompt-ids", "1,2", "--temperature", "-0.5"], ["--temperature must be >= 0"]),
+    (["--prompt-ids", "1,2", "--top-p", "0"], ["--top-p must be in (0, 1]"]),
+    (["--prompt-ids", "1,2", "--top-p", "1.5"], ["--top-p must be in (0, 1]"]),
+    (["--prompt", "hello"], ["no tokenizer", "prompt ids"]),
+    (["--prompt", "hello", "--prompt-ids", "1"], ["--prompt", "--prompt-ids", "one of them"]),
     (["--prompt", ""], ["prompt is empty"]),
 ])
 def test_bad_generate_requests(layers, args, words):
@@ -268,3 +269,63 @@ def test_read_only_model_folder_and_concurrent_runs(tmp_path, layers):
         assert a == b and len(a) == 8
     finally:
         subprocess.run(["umount", ro])
+
+
+# --- refuse what streamer cannot run correctly ------------------------------------------------------------
+
+def hf_folder(tmp_path, config_edit=None, extra_tensors=None):
+    """A real HF Llama folder (transformers' save_pretrained), then edited as another model's would be."""
+    from conftest import load_meta_state, params_of
+    from references import hf_model
+    meta = write_checkpoint(tmp_path / "meta", GQA, torch.float32, tokenizer=False)
+    hf_model(params_of(meta), load_meta_state(meta)).save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, **(config_edit or {})}))
+    if extra_tensors:
+        from safetensors.torch import save_file
+        save_file(extra_tensors, tmp_path / "hf" / "model-extra.safetensors")
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("edit,extra,words", [
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, None, ["model_type 'qwen2'", "not a Llama model"]),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 4096}, None, ["'mistral'"]),
+    ({"sliding_window": 4096}, None, ["sliding_window = 4096", "does not implement"]),
+    ({"attention_bias": True}, None, ["attention_bias = True"]),
+    ({"hidden_act": "gelu"}, None, ["hidden_act = 'gelu'"]),
+    (None, {"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, ["unexpected tensor", "q_proj.bias", "model-extra"]),
+])
+def test_unsupported_hf_checkpoints_are_refused(tmp_path, edit, extra, words):
+    out = tmp_path / "out"
+    fails(cli("split", hf_folder(tmp_path, edit, extra), out), *words)
+    assert not (out / MANIFEST).exists()
+
+
+# --- faults while running ----------------------------------------------------------------------------------
+
+def test_layer_file_truncated_after_opening(tmp_path, layers):
+    """The runner checked the file, then someone truncated it: the reader thread's short read reaches the caller."""
+    from streamer import Engine, StreamerError
+    m = _copy(layers, tmp_path)
+    with Engine(m, dtype="float32", keep_resident=False) as engine:
+        engine.runner(1, 64)  # files checked, opened, readers started
+        os.truncate(m / "block_002.safetensors", 4096)
+        with pytest.raises(StreamerError, match=r"block_002.safetensors: file ended early while reading"):
+            engine.generate(prompt_ids=[1, 2, 3], max_new_tokens=2)
+
+
+def test_reader_io_error_reaches_the_caller(tmp_path, layers, monkeypatch):
+    """An EIO in a reader thread becomes one clear error naming the file, in the calling thread."""
+    import errno
+    from streamer import Engine, StreamerError
+    real = os.preadv
+
+    def failing(fd, buffers, offset, *rest):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("block_001.safetensors"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset, *rest)
+
+    monkeypatch.setattr(os, "preadv", failing)
+    with Engine(layers, dtype="float32", keep_resident=False) as engine:
+        with pytest.raises(StreamerError, match=r"block_001.safetensors: read failed \(Input/output error\)"):
+            engine.generate(prompt_ids=[1, 2, 3], max_new_tokens=2)

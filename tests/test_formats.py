@@ -39,9 +39,9 @@ def shard(state, n, out, params_file):
 def test_sharded_checkpoint_splits_like_the_whole_one(tmp_path, n):
     params = {**GQA, "n_kv_heads": 4}
     meta = write_checkpoint(tmp_path / "meta", params, torch.float32, tokenizer=False)
-    split(meta, tmp_path / "whole", progress=False)
+    split(meta, tmp_path / "whole")
     shard(load_meta_state(meta), n, tmp_path / "sharded", meta / "params.json")
-    split(tmp_path / "sharded", tmp_path / "merged", progress=False)
+    split(tmp_path / "sharded", tmp_path / "merged")
     for f in json.loads((tmp_path / "whole" / MANIFEST).read_text())["files"]:
         assert (tmp_path / "whole" / f["name"]).read_bytes() == (tmp_path / "merged" / f["name"]).read_bytes(), f["name"]
 
@@ -57,7 +57,7 @@ def save_hf(tmp_path, params, tied):
 def test_hf_safetensors_folder(tmp_path, params, tied):
     model = save_hf(tmp_path, params, tied)
     assert not tied or not any("lm_head" in k for k in json.dumps(os.listdir(tmp_path / "hf")))
-    split(tmp_path / "hf", tmp_path / "layers", progress=False)
+    split(tmp_path / "hf", tmp_path / "layers")
     files = ModelFiles(tmp_path / "layers")
     cache = MemoryKVCache(files.args, 1, len(PROMPT), torch.float32)
     with Runner(files, torch.float32) as runner:
@@ -66,7 +66,7 @@ def test_hf_safetensors_folder(tmp_path, params, tied):
         want = torch.log_softmax(model(torch.tensor([PROMPT])).logits[0, -1].float(), -1)
     assert_logprobs_close(got, want)
     # and it is the same model as splitting Meta's own files
-    split(tmp_path / "meta", tmp_path / "from_meta", progress=False)
+    split(tmp_path / "meta", tmp_path / "from_meta")
     for f in json.loads((tmp_path / "from_meta" / MANIFEST).read_text())["files"]:
         if f["name"].endswith(".safetensors"):
             assert (tmp_path / "from_meta" / f["name"]).read_bytes() == (tmp_path / "layers" / f["name"]).read_bytes()
@@ -105,7 +105,7 @@ def test_download_from_a_local_hub_cache(tmp_path):
 
 def test_info(tmp_path):
     meta = write_checkpoint(tmp_path / "meta", SCALED, torch.float32, tokenizer=False)
-    split(meta, tmp_path / "layers", progress=False)
+    split(meta, tmp_path / "layers")
     r = subprocess.run([sys.executable, "-m", "streamer", "info", tmp_path / "layers"], capture_output=True, text=True)
     assert r.returncode == 0 and "format v1" in r.stdout and "factor" in r.stdout and "MiB per block" in r.stdout
     j = json.loads(subprocess.run([sys.executable, "-m", "streamer", "info", tmp_path / "layers", "--json"],
@@ -120,8 +120,8 @@ def test_meta_to_hf_tool_round_trips(tmp_path):
     tool = os.path.join(os.path.dirname(__file__), "..", "tools", "meta_to_hf.py")
     subprocess.run([sys.executable, tool, meta, tmp_path / "hf"], check=True, capture_output=True)
     model = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    split(meta, tmp_path / "a", progress=False)
-    split(tmp_path / "hf", tmp_path / "b", progress=False)
+    split(meta, tmp_path / "a")
+    split(tmp_path / "hf", tmp_path / "b")
     for f in json.loads((tmp_path / "a" / MANIFEST).read_text())["files"]:
         if f["name"].endswith(".safetensors"):
             assert (tmp_path / "a" / f["name"]).read_bytes() == (tmp_path / "b" / f["name"]).read_bytes()

@@ -27,11 +27,11 @@ def recompute(folder, prompt, n):
 @pytest.mark.parametrize("params", [GQA, SCALED], ids=["gqa", "scaled_rope"])
 def test_cache_equals_full_recompute(tmp_path, params):
     folder = make_split(tmp_path, params)
-    steps, runner = stream(folder, PROMPT, 64)
+    steps, stats = stream(folder, PROMPT, 64)
     ref = recompute(folder, PROMPT, 64)
     assert [s.token for s in steps] == [t for t, _ in ref]
     assert_logprobs_close(torch.tensor([s.logprob for s in steps]), torch.tensor([lp for _, lp in ref]))
-    assert runner.io.forwards == 64  # one prefill, then one new token per step
+    assert stats.passes == 64 and stats.tokens_run == len(PROMPT) + 63  # one prefill, then one new token per step
 
 
 def test_resume_from_kept_cache(tmp_path):
@@ -41,8 +41,11 @@ def test_resume_from_kept_cache(tmp_path):
     first, _ = stream(folder, PROMPT, 20, kv_dir=kv)
     assert (kv / "kv.json").is_file() and len(list(kv.glob("block_*.kv"))) == GQA["n_layers"]
     prompt2 = PROMPT + [s.token for s in first]
-    second, runner = stream(folder, prompt2, 20, kv_dir=kv)
+    second, stats = stream(folder, prompt2, 20, kv_dir=kv)
     assert [s.token for s in first + second] == [s.token for s in whole]
+    # the prefix came from the cache: only the last prompt token ran, then one token per step
+    assert stats.reused_tokens == len(prompt2) - 1
+    assert stats.tokens_run == 1 + 19 and stats.passes == 20
     assert_logprobs_close(torch.tensor([s.logprob for s in first + second]),
                                torch.tensor([s.logprob for s in whole]))
 
@@ -77,7 +80,7 @@ def test_temporary_cache_is_removed_and_sized_to_the_run(tmp_path):
     per_layer = 2 * 100 * GQA["n_kv_heads"] * (GQA["dim"] // GQA["n_heads"]) * 4
     allocated = os.stat(cache.dir / "block_000.kv").st_blocks * 512
     assert per_layer <= allocated < per_layer + 64 * 1024  # sparse: only reserved positions take disk
-    with pytest.raises(StreamerError, match="exceeds --max-seq-len 4096"):
+    with pytest.raises(StreamerError, match="max_seq_len 4096 is too short for a sequence of 4097 tokens"):
         cache.reserve(0, 4097)
     cache.close()
     assert not cache.dir.exists()

@@ -4,12 +4,11 @@ import json
 import pytest
 import torch
 
-from conftest import GQA, make_split, stream
+from conftest import GQA, STORIES, make_split, stream
 from streamer import MemoryKVCache, ModelFiles, Runner
 from streamer.layout import MANIFEST
 from streamer.quant import Int4Weight, Int8Weight, qlinear, quantize
 from streamer.split import split
-from test_stories import STORIES
 
 
 @pytest.mark.parametrize("scheme,bound", [("int8", 0.01), ("int4", 0.12)])
@@ -32,11 +31,9 @@ def teacher_forced_logits(folder, seq):
 
 @pytest.fixture(scope="module")
 def stories(tmp_path_factory):
-    if not STORIES.is_dir():
-        pytest.skip(f"{STORIES} is absent")
     root = tmp_path_factory.mktemp("q")
     for q in (None, "int8", "int4"):
-        split(STORIES, root / (q or "f32"), progress=False, quantize=q)
+        split(STORIES, root / (q or "f32"), quantize=q)
     return root
 
 
@@ -55,8 +52,8 @@ def test_quantized_stories_agree_with_float(stories, scheme, agree, err):
 def test_quantized_split_is_deterministic_and_smaller(tmp_path):
     folder = make_split(tmp_path, {**GQA, "dim": 128, "n_heads": 4})
     for q in ("int8", "int4"):
-        split(tmp_path / "meta", tmp_path / f"{q}-a", progress=False, quantize=q)
-        split(tmp_path / "meta", tmp_path / f"{q}-b", progress=False, quantize=q)
+        split(tmp_path / "meta", tmp_path / f"{q}-a", quantize=q)
+        split(tmp_path / "meta", tmp_path / f"{q}-b", quantize=q)
         a = json.loads((tmp_path / f"{q}-a" / MANIFEST).read_text())["files"]
         b = json.loads((tmp_path / f"{q}-b" / MANIFEST).read_text())["files"]
         assert [f["sha256"] for f in a] == [f["sha256"] for f in b]

@@ -31,7 +31,7 @@ def reference(folder):
                   "head.safetensors"]},  # nothing left to stream
 ], ids=["tiny-ring", "tiny-ring-4-readers", "big-ring", "4-passes", "some-resident", "all-resident"])
 def test_same_output_whatever_the_streaming(folder, reference, kw):
-    steps, runner = stream(folder, PROMPT, 12, runner_kw=kw)
+    steps, _ = stream(folder, PROMPT, 12, runner_kw=kw)
     assert [s.token for s in steps] == [s.token for s in reference]
     assert_logprobs_close([s.logprob for s in steps], [s.logprob for s in reference])
 

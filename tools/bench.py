@@ -2,7 +2,7 @@
 
     python tools/bench.py MODEL [--cap 2G] [--cases floor,matmul,decode,prefill,batch,longctx] [--out bench.md]
 
-Each case runs in its own process inside ../shared/tools/memcap and prints one JSON line; this script
+Each case runs in its own process inside `streamer memcap` and prints one JSON line; this script
 gathers them into one table: case, measured time, floor, time / floor. Floors are measured in the same
 run: the cold read of the same bytes and the bf16 matmul rate. Decode steps are paired by default: before
 each step the same bytes are read cold three ways (1 reader, 4 readers, 4 with O_DIRECT) and the step is
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-MEMCAP = ROOT.parent / "shared" / "tools" / "memcap"
+MEMCAP = [sys.executable, "-m", "streamer", "memcap"]  # + [SIZE, "--", command...]
 
 
 # --- workers: run inside memcap, print one JSON line --------------------------------------------------
@@ -108,15 +107,13 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
     is compared with the floor measured just before it; the fresh runner forgoes the read-ahead a step
     normally gets from the one before, so the ratio errs against us."""
     import random
-    from streamer import DiskKVCache, ModelFiles, Runner
-    from streamer.memory import MemoryMonitor
-    from streamer.budget import plan
-    files = ModelFiles(model)
-    monitor = MemoryMonitor()
-    runner_kw = runner_kw or plan(files, None, batch, prompt_len + steps + 1).runner_kwargs()  # as the CLI plans it
-    runner = Runner(files, dtype, monitor, **runner_kw)
+    from streamer import Engine
+    engine = Engine(model, dtype=dtype, max_seq_len=prompt_len + steps + 1, runner_options=runner_kw)
+    context = prompt_len + steps + 1
+    runner = engine.runner(batch, context)  # planned as the CLI plans it
+    files = engine.files
     streamed = [model / n for n in files.step_files() if n not in runner.resident]
-    cache = DiskKVCache(files.args, batch, prompt_len + steps + 1, dtype, files.manifest_sha256)
+    cache = engine.kv_cache(batch)
     r = random.Random(0)
     chunks = [(s, random_prompt(r, prompt_len)) for s in range(batch)]
     for s, ids in chunks:
@@ -128,19 +125,18 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
     for _ in range(steps):
         nxt = [(s, [int(logits[i].argmax())]) for i, (s, _) in enumerate(chunks)]
         if paired:
-            runner.close()
-            runner = None  # its resident blocks go before the next runner loads its own
+            engine.release()  # its resident blocks go before the next runner loads its own
             floors.append(floor_read(streamed))
-            runner = Runner(files, dtype, monitor, **runner_kw)
+            runner = engine.runner(batch, context)
         read0 = runner.io.bytes_read
         t0 = time.perf_counter()
         logits = runner.forward(nxt, cache, phase="decode")
         times.append(time.perf_counter() - t0)
         nbytes = runner.io.bytes_read - read0
     kv_disk = sum(p.stat().st_blocks * 512 for p in cache.dir.glob("*.kv"))
-    runner.close()
     cache.close()
-    mem = monitor.stop()
+    mem = engine.memory()
+    engine.close()
     out = {"batch": batch, "prompt_len": prompt_len, "prefill_s": prefill, "step_s": sorted(times)[len(times) // 2],
            "steps": times, "bytes_per_step": nbytes, "kv_bytes_on_disk": kv_disk, "peak_private": mem.peak["private"],
            "peak_rss": mem.peak["rss"], "prefill_flops": block_flops(files.args, batch * prompt_len)}
@@ -242,7 +238,7 @@ def measure(case: str, model: Path, cap: str, a) -> dict:
             cmd += [f"--{opt}", str(getattr(a, opt))]
     cmd += ["--cap-bytes", str(_bytes(cap))]
     if cap != "none":
-        cmd = [str(MEMCAP), cap, "--"] + cmd
+        cmd = MEMCAP + [cap, "--"] + cmd
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
     memcap = next((l for l in r.stderr.splitlines() if l.startswith("memcap:")), "")

@@ -3,7 +3,7 @@
     python tools/bench_caps.py MODEL [--caps 512M,4G] [--budget 512M] [--new-tokens 16]
 
 The disk's read rate here drifts by 20% within minutes, more than the difference being measured, so
-separate runs under each cap cannot settle it. This runs one generation inside ../shared/tools/memcap at
+separate runs under each cap cannot settle it. This runs one generation inside `streamer memcap` at
 the larger cap and rewrites its own cgroup's limit before every decode step, alternating between the caps:
 each step under the small cap has a neighbour under the large one, a few seconds apart. Both read the same
 bytes (one --memory-budget for the whole run, which must fit the small cap). Lowering the limit makes the
@@ -29,21 +29,17 @@ def major_faults() -> int:
 
 
 def worker(model: Path, caps: list[str], budget: str, prompt_len: int, new_tokens: int) -> dict:
-    import torch
-    from streamer import DiskKVCache, ModelFiles, Runner
-    from streamer.budget import cgroup_limit_files, parse_size, plan
-    from streamer.memory import MemoryMonitor
+    from streamer import Engine
+    from streamer.budget import cgroup_limit_files, parse_size
     limit_files = cgroup_limit_files()
     if not limit_files:
         raise SystemExit("bench_caps: not inside a memory cgroup (run through memcap)")
-    files = ModelFiles(model)
-    p = plan(files, parse_size(budget), 1, prompt_len + new_tokens + 1)
-    monitor = MemoryMonitor()
-    cache = DiskKVCache(files.args, 1, prompt_len + new_tokens + 1, torch.bfloat16, files.manifest_sha256)
-    cache.reserve(0, prompt_len + new_tokens + 1)
-    ids = random_prompt(random.Random(64), prompt_len)
+    context = prompt_len + new_tokens + 1
     steps = []
-    with Runner(files, torch.bfloat16, monitor, **p.runner_kwargs()) as runner:
+    with Engine(model, budget, "bfloat16", max_seq_len=context) as engine:
+        runner, cache = engine.runner(1, context), engine.kv_cache(1)
+        cache.reserve(0, context)
+        ids = random_prompt(random.Random(64), prompt_len)
         logits = runner.forward([(0, ids)], cache, phase="prefill")
         for k in range(new_tokens):
             cap = caps[k % len(caps)]
@@ -51,9 +47,9 @@ def worker(model: Path, caps: list[str], budget: str, prompt_len: int, new_token
             faults, t0 = major_faults(), time.perf_counter()
             logits = runner.forward([(0, [int(logits[0].argmax())])], cache, phase="decode")
             steps.append({"cap": cap, "s": time.perf_counter() - t0, "major_faults": major_faults() - faults})
-    cache.close()
-    mem = monitor.stop()
-    return {"budget": budget, "ring_bytes": p.ring_bytes, "steps": steps, "peak_private": mem.peak["private"],
+        cache.close()
+        mem, ring = engine.memory(), engine.plan.ring_bytes
+    return {"budget": budget, "ring_bytes": ring, "steps": steps, "peak_private": mem.peak["private"],
             "peak_rss": mem.peak["rss"]}
 
 
@@ -92,7 +88,7 @@ def main() -> None:
         print(json.dumps(worker(a.model, caps, budget, a.prompt_len, a.new_tokens)))
         return
     drop_caches()
-    cmd = [str(MEMCAP), caps[1], "--", sys.executable, __file__, str(a.model), "--worker", "--caps", a.caps,
+    cmd = MEMCAP + [caps[1], "--", sys.executable, __file__, str(a.model), "--worker", "--caps", a.caps,
            "--budget", budget, "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).parent)})
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]

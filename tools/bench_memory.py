@@ -3,7 +3,7 @@
     python tools/bench_memory.py META_CHECKPOINT SPLIT_MODEL [--caps 256M,384M,512M,1G,2G,4G,none]
         [--budgets 512M,4G,8G,20G] [--out bench_memory.md] [--plot bench_memory.png]
 
-Every run is a real `streamer` command inside ../shared/tools/memcap (page cache counted), with the page
+Every run is a real `streamer` command inside `streamer memcap` (page cache counted), with the page
 cache dropped first. Generate uses a 64-token prompt and --max-new-tokens (default 4), bf16.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ WARM = False  # --warm: keep the page cache between runs (smoke tests)
 def run(cmd: list[str], cap: str) -> dict:
     if not WARM:
         drop_caches()
-    full = cmd if cap == "none" else [str(MEMCAP), cap, "--"] + cmd
+    full = cmd if cap == "none" else MEMCAP + [cap, "--"] + cmd
     t0 = time.perf_counter()
     r = subprocess.run(full, capture_output=True, text=True)
     out = {"ok": r.returncode == 0, "wall_s": time.perf_counter() - t0}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from streamer.checkpoint import MetaCheckpoint
 from streamer.hf import config_from_args, hf_name, permute_qk
-from streamer.layout import write_json_atomic
+from streamer.files import write_json_atomic
 from streamer.weights import write_safetensors
 
 SHARD_BYTES = 4 << 30

@@ -1,0 +1,263 @@
+"""The Engine: streamer's Python API and its one run path.
+
+It owns what every run needs, set up once: the split model's files, the compute dtype, the memory plan,
+the runner (weight ring and resident blocks) and the memory monitor. Each call makes its own KV cache.
+The CLI, the tools and the tests all go through it.
+
+    with Engine("~/llama3-8b-layers", memory_budget="512M") as engine:
+        out = engine.generate("the answer to the ultimate question ...", max_new_tokens=8)
+        for piece in engine.stream("Who are you?", chat=True, max_new_tokens=64):
+            print(piece.text, end="")
+        for result in engine.batch([{"id": 1, "prompt": "..."}, {"id": 2, "messages": [...]}]):
+            ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from . import batch as batching
+from .budget import Plan, parse_size, plan
+from .errors import StreamerError
+from .generate import GenStats, SamplingParams, TextOut, check_prompt, generate as decode
+from .kvcache import DiskKVCache
+from .layout import ModelFiles
+from .memory import MemoryMonitor, MemoryReport
+from .runner import Runner
+from .tokenizer import STOP_IDS, ChatFormat, Tokenizer, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_dtype(name: str | torch.dtype) -> torch.dtype:
+    """`auto` is bf16 where the CPU has native bf16 matmuls (AVX512-BF16 or AMX), else float32."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name != "auto":
+        if name not in DTYPES:
+            raise StreamerError(f"must be auto, float32 or bfloat16, got {name!r}", param="dtype")
+        return DTYPES[name]
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+@dataclass
+class Piece:
+    """One generated token, as `Engine.stream` yields it."""
+    token: int
+    text: str  # what it adds to the text ("" while a stop string may be starting, or without a tokenizer)
+    logprob: float  # under the model, before temperature
+    top: list[tuple[int, float]] = field(default_factory=list)  # the K best (id, logprob) with logprobs=K
+    finish_reason: str | None = None  # "stop" or "length" on the last piece
+
+
+@dataclass
+class Completion:
+    """The result of `Engine.generate`."""
+    text: str | None  # None without a tokenizer
+    tokens: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+    finish_reason: str
+    prompt_ids: list[int]
+    stats: GenStats
+
+    def as_dict(self) -> dict:
+        return {"prompt_ids": self.prompt_ids, "tokens": self.tokens, "text": self.text, "logprobs": self.logprobs,
+                "top_logprobs": self.top_logprobs, "finish_reason": self.finish_reason, "stats": self.stats.as_dict()}
+
+
+class Engine:
+    """A split model ready to run within a memory budget.
+
+    model: a folder written by `streamer split`. memory_budget: bytes or a size such as "512M" (default: the
+    memory cgroup's limit, or 85% of the available memory). dtype: "auto", "float32" or "bfloat16".
+    max_seq_len: the context (default: the model's). tokenizer: a path or tokenizer object (default: the one in
+    the model folder). keep_resident=False streams every block even when the budget could keep some in RAM.
+    runner_options override the planner's runner settings (ring_bytes, resident, max_pass_tokens, readers)."""
+
+    def __init__(self, model: str | Path, memory_budget: str | int | None = None, dtype: str | torch.dtype = "auto", *,
+                 max_seq_len: int | None = None, tokenizer=None, keep_resident: bool = True,
+                 runner_options: dict | None = None):
+        self.files = ModelFiles(Path(model).expanduser())
+        self.args = self.files.args
+        self.dtype = pick_dtype(dtype)
+        self.budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
+        self.max_seq_len = self.args.max_seq_len if max_seq_len is None else max_seq_len
+        if not isinstance(self.max_seq_len, int) or self.max_seq_len <= 0:
+            raise StreamerError(f"must be a positive integer, got {self.max_seq_len!r}", param="max_seq_len")
+        if tokenizer is None and self.files.tokenizer_path:
+            tokenizer = self.files.tokenizer_path
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+        self.stop_ids = self.tokenizer.stop_ids if self.tokenizer else STOP_IDS
+        self.keep_resident = keep_resident
+        self.runner_options = dict(runner_options or {})
+        self.plan: Plan | None = None
+        self._runner: Runner | None = None
+        self.monitor = MemoryMonitor()
+
+    # --- prompts ------------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | None = None, *, prompt_ids: Sequence[int] | None = None,
+                   messages: Sequence[dict] | None = None, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids for exactly one of: prompt text (BOS added; chat=True wraps it, with `system`, in the chat
+        format), prompt_ids, or chat messages [{"role", "content"}, ...]."""
+        given = [n for n, v in (("prompt", prompt), ("prompt_ids", prompt_ids), ("messages", messages)) if v is not None]
+        if len(given) != 1:
+            raise StreamerError("give exactly one of prompt, prompt_ids or messages" + (f" (got {', '.join(given)})" if given else ""))
+        if prompt_ids is not None:
+            if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
+                raise StreamerError(f"must be a list of integers, got {type(prompt_ids).__name__}", param="prompt_ids")
+            ids = list(prompt_ids)
+        else:
+            if prompt is not None and not isinstance(prompt, str):
+                raise StreamerError(f"must be a string, got {type(prompt).__name__}", param="prompt")
+            if prompt == "":
+                raise StreamerError("the prompt is empty")
+            if self.tokenizer is None:
+                raise StreamerError(f"{self.files.folder}: no tokenizer, so text cannot be encoded; give a tokenizer "
+                                    "or prompt ids")
+            if chat and prompt is not None:
+                messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            if messages is not None:
+                if not isinstance(self.tokenizer, Tokenizer):
+                    raise StreamerError(f"{self.tokenizer.path}: this tokenizer has no chat format")
+                if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+                    raise StreamerError("must be a list of {role, content} objects", param="messages")
+                ids = ChatFormat(self.tokenizer).encode_dialog(messages)
+            else:
+                ids = self.tokenizer.encode(prompt, bos=True)
+        check_prompt(ids, self.args.vocab_size)
+        return ids
+
+    def sampling(self, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 logprobs: int = 0, stop: Sequence[str | int] | str | None = None) -> tuple[SamplingParams, list[str]]:
+        """Checked sampling parameters, and the stop strings (stop ids join the model's own stop ids)."""
+        stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
+        if not all(isinstance(s, (str, int)) and not isinstance(s, bool) for s in stop):
+            raise StreamerError("must be a string, a token id, or a list of them", param="stop")
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed,
+                                self.stop_ids | {s for s in stop if isinstance(s, int)}, logprobs)
+        params.check()
+        return params, [s for s in stop if isinstance(s, str)]
+
+    def check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
+        if n_prompt + max_new_tokens - 1 > self.max_seq_len:
+            raise StreamerError(f"{self.max_seq_len} is too short for a prompt of {n_prompt} tokens + {max_new_tokens} "
+                                "new tokens", param="max_seq_len")
+
+    # --- running ------------------------------------------------------------------------------------------
+    def runner(self, batch: int, context: int) -> Runner:
+        """The runner, planned for `batch` sequences of `context` tokens; kept while later calls fit its plan."""
+        if self._runner and self.plan.batch >= batch and self.plan.context >= context:
+            return self._runner
+        self.release()
+        self.plan = plan(self.files, self.budget, batch, context, self.keep_resident)
+        self._runner = Runner(self.files, self.dtype, self.monitor, **{**self.plan.runner_kwargs(), **self.runner_options})
+        return self._runner
+
+    def kv_cache(self, slots: int, kv_dir: str | Path | None = None) -> DiskKVCache:
+        """A disk KV cache for `slots` sequences of up to max_seq_len tokens: kept in kv_dir, or temporary."""
+        return DiskKVCache(self.args, slots, self.max_seq_len, self.dtype, self.files.manifest_sha256,
+                           Path(kv_dir).expanduser() if kv_dir is not None else None)
+
+    def stream(self, prompt: str | None = None, *, prompt_ids: Sequence[int] | None = None,
+               messages: Sequence[dict] | None = None, chat: bool = False, system: str | None = None,
+               max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               logprobs: int = 0, stop: Sequence[str | int] | str | None = None, kv_dir: str | Path | None = None,
+               stats: GenStats | None = None) -> Iterator[Piece]:
+        """Yield generated tokens one by one. kv_dir keeps the KV cache there: a later call whose prompt extends
+        this one's (prompt + output) resumes without recomputing it. `stats` (a GenStats) is filled as it goes."""
+        params, stop_text = self.sampling(max_new_tokens, temperature, top_p, seed, logprobs, stop)
+        ids = self.prompt_ids(prompt, prompt_ids=prompt_ids, messages=messages, chat=chat, system=system)
+        self.check_fits(len(ids), max_new_tokens)
+        stats = stats if stats is not None else GenStats()
+        before = self._runner
+        runner = self.runner(1, len(ids) + max_new_tokens)
+        io0 = (runner.io.bytes_read, runner.io.passes, runner.io.tokens) if runner is before else (0, 0, 0)
+        cache = self.kv_cache(1, kv_dir)
+        text = TextOut(self.tokenizer, stop_text) if self.tokenizer else None
+        steps = decode(runner, cache, ids, params, stats)
+        try:
+            for step in steps:
+                out, hit = ("", False) if text is None or step.token in params.stop_ids else text.feed(step.token)
+                if hit:
+                    step.finish_reason = "stop"
+                if step.finish_reason and text:
+                    out += text.flush()
+                yield Piece(step.token, out, step.logprob, step.top, step.finish_reason)
+                if step.finish_reason:
+                    break
+        finally:
+            steps.close()
+            cache.close()
+            io = runner.io
+            stats.bytes_read, stats.passes, stats.tokens_run = (io.bytes_read - io0[0], io.passes - io0[1], io.tokens - io0[2])
+            stats.resident_bytes = io.resident_bytes
+            stats.memory = self.monitor.snapshot().as_dict()
+
+    def generate(self, prompt: str | None = None, *, prompt_ids: Sequence[int] | None = None,
+                 messages: Sequence[dict] | None = None, chat: bool = False, system: str | None = None, **kw) -> Completion:
+        """Like `stream`, all at once: text, tokens, logprobs, finish_reason and stats."""
+        ids = self.prompt_ids(prompt, prompt_ids=prompt_ids, messages=messages, chat=chat, system=system)
+        stats = kw.pop("stats", None) or GenStats()
+        pieces = list(self.stream(prompt_ids=ids, stats=stats, **kw))
+        return Completion("".join(p.text for p in pieces) if self.tokenizer else None, [p.token for p in pieces],
+                          [p.logprob for p in pieces], [p.top for p in pieces] if kw.get("logprobs") else None,
+                          pieces[-1].finish_reason, ids, stats)
+
+    def batch(self, requests: Iterable[dict], *, batch_size: int = 32, max_new_tokens: int = 256,
+              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str | int] | None = None,
+              totals: dict | None = None) -> Iterator[dict]:
+        """Run many requests, all active ones sharing each pass over the weights; yield each result as it
+        finishes. A request is {"id", "prompt" | "messages" | "prompt_ids", and optionally max_new_tokens,
+        temperature, top_p, seed, stop}; the keyword arguments are the defaults. A request that cannot run
+        yields {"id", "error"} and the others go on. `totals` (a dict) receives prompts, prompt and completion
+        tokens, and passes."""
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise StreamerError(f"must be a positive integer, got {batch_size!r}", param="batch_size")
+        defaults, default_stop = self.sampling(max_new_tokens, temperature, top_p, None, 0, stop)
+        todo = []
+        for k, obj in enumerate(requests):
+            rid = obj.get("id", k) if isinstance(obj, dict) else k
+            try:
+                todo.append(batching.make_request(self, obj, rid, defaults, default_stop, seed))
+            except StreamerError as e:
+                yield {"id": rid, "error": str(e), **({"param": e.param} if e.param else {})}
+        totals = totals if totals is not None else {}
+        totals.update(prompts=0, prompt_tokens=0, completion_tokens=0, steps=0)
+        if not todo:
+            return
+        slots = min(batch_size, len(todo))
+        runner = self.runner(slots, max(len(r.prompt) + r.params.max_new_tokens for r in todo))
+        cache = self.kv_cache(slots)
+        try:
+            yield from batching.run_batch(runner, cache, todo, self.tokenizer, totals)
+        finally:
+            cache.close()
+
+    # --- the rest -----------------------------------------------------------------------------------------
+    def memory(self) -> MemoryReport:
+        """Peak memory so far, per phase."""
+        return self.monitor.snapshot()
+
+    def release(self) -> None:
+        """Give back the runner's memory (weight ring, resident blocks); the next call plans and loads afresh."""
+        if self._runner:
+            self._runner.close()
+            self._runner = None
+
+    def close(self) -> None:
+        self.release()
+        self.monitor.stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
