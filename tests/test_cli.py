@@ -202,3 +202,13 @@ def test_download_failures_are_one_line(tmp_path):
     finally:
         server.shutdown()
     assert not (tmp_path / "x" / MANIFEST).exists()
+
+
+def test_readme_python_example_runs(llama3_tiny, capsys):
+    """The Engine example in the README, as written, on the tiny model instead of the 8B."""
+    readme = (__import__("pathlib").Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert "~/llama3-8b-layers" in code
+    exec(code.replace("~/llama3-8b-layers", str(llama3_tiny)), {})
+    out = capsys.readouterr().out
+    assert out.count("\n") >= 4 and "1 " in out and "2 " in out and "3 " in out
