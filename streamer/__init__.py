@@ -8,8 +8,7 @@ from .generate import GenStats, SamplingParams
 from .kvcache import DiskKVCache, MemoryKVCache
 from .layout import ModelFiles
 from .runner import Runner
-from .split import split
 from .tokenizer import ChatFormat, Tokenizer
 
 __all__ = ["Engine", "Completion", "Piece", "GenStats", "ModelArgs", "StreamerError", "SamplingParams", "DiskKVCache",
-           "MemoryKVCache", "ModelFiles", "Runner", "split", "ChatFormat", "Tokenizer"]
+           "MemoryKVCache", "ModelFiles", "Runner", "ChatFormat", "Tokenizer"]

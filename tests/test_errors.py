@@ -149,15 +149,16 @@ def test_resumed_split_is_byte_identical(tmp_path):
     ref = tmp_path / "ref"
     assert cli("split", meta, ref, "--quiet").returncode == 0
     out = tmp_path / "out"
-    for delay in (0.0, 0.05):  # kill it after the first finished file, and again a little later
+    finished = lambda: len(json.loads((out / PARTIAL).read_text())["files"]) if (out / PARTIAL).exists() else 0
+    for _ in range(2):  # each run is killed as soon as it has finished one more file
+        before = finished()
         p = subprocess.Popen([sys.executable, "-m", "streamer", "split", meta, out, "--quiet"], stderr=subprocess.PIPE)
         deadline = time.time() + 60
-        while not (out / PARTIAL).exists() and p.poll() is None and time.time() < deadline:
+        while finished() == before and p.poll() is None and time.time() < deadline:
             time.sleep(0.002)
-        time.sleep(delay)
         p.send_signal(signal.SIGKILL)
-        p.wait()
-    assert not (out / MANIFEST).exists()
+        assert p.wait() == -signal.SIGKILL, "the split ended before the kill: the test proves nothing"
+        assert before < finished() < BIG["n_layers"] + 2 and not (out / MANIFEST).exists()  # progress, then killed mid-run
     r = cli("split", meta, out, "--quiet")
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in ref.iterdir())

@@ -41,3 +41,14 @@ def test_not_a_tokenizer(tmp_path):
     bad.write_text("not base64 and not a rank at all\n")
     with pytest.raises(StreamerError, match="tokenizer.model"):
         Tokenizer(bad)
+
+
+def test_modules_import_as_modules():
+    """`import streamer.generate` gives the module, not a function of the same name re-exported by the package."""
+    import importlib
+    import types
+    for name in ("generate", "batch", "split", "engine", "memcap", "files"):
+        assert isinstance(importlib.import_module(f"streamer.{name}"), types.ModuleType)
+    import streamer.generate
+    import streamer.split
+    assert isinstance(streamer.generate, types.ModuleType) and isinstance(streamer.split, types.ModuleType)
