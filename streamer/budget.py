@@ -21,10 +21,11 @@ BASELINE = 224 << 20  # Python + torch + tokenizer, private, measured at setup: 
 RING_CAP = 1 << 30  # a ring beyond ~2 files' worth no longer speeds up streaming (measured: 1 GiB reads at the floor)
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, param: str | None = None) -> int:
+    """512M, 4G, 1.5GiB -> bytes; an error names `param` (the option that gave it) when there is one."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
     if not m:
-        raise StreamerError(f"memory size {text!r}: expected e.g. 512M, 4G, 1.5G")
+        raise StreamerError(f"must be a memory size such as 512M, 4G or 1.5G, got {text!r}", param=param)
     return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
 
 
@@ -189,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise StreamerError(f"must be a positive integer, got {getattr(args, name)}", param=name)
     files = ModelFiles(args.model)
-    p = plan(files, parse_size(args.memory_budget) if args.memory_budget else None, args.batch_size, args.context)
+    p = plan(files, parse_size(args.memory_budget, "memory_budget") if args.memory_budget else None, args.batch_size, args.context)
     gbps = args.disk_gbps or measure_disk(files)
     blocks = [n for n in p.resident if n.startswith("block_")]
     print(f"memory budget {mib(p.budget)} for batch {args.batch_size}, context {args.context}:")

@@ -88,7 +88,7 @@ class Engine:
         self.files = ModelFiles(Path(model).expanduser())
         self.args = self.files.args
         self.dtype = pick_dtype(dtype)
-        self.budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
+        self.budget = parse_size(memory_budget, "memory_budget") if isinstance(memory_budget, str) else memory_budget
         self.max_seq_len = self.args.max_seq_len if max_seq_len is None else max_seq_len
         if not isinstance(self.max_seq_len, int) or self.max_seq_len <= 0:
             raise StreamerError(f"must be a positive integer, got {self.max_seq_len!r}", param="max_seq_len")

@@ -144,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
         raise StreamerError("give the command after --, e.g. streamer memcap 2G -- streamer demo")
-    limit = parse_size(args.size)
+    limit = parse_size(args.size, "SIZE")
     code, r = run(limit, command)
     shown = code if code >= 0 else 128 - code
     print(f"memcap: limit={iec(limit)} peak={iec(r['peak'])} peak_bytes={r['peak']} oom_kills={r['oom_kills']} "

@@ -12,7 +12,7 @@ from streamer.budget import BASELINE, cgroup_limit, parse_size, plan
 
 def test_parse_size():
     assert parse_size("512M") == 512 << 20 and parse_size("4G") == 4 << 30 and parse_size("1.5GiB") == 3 << 29
-    with pytest.raises(StreamerError, match="expected e.g. 512M"):
+    with pytest.raises(StreamerError, match="must be a memory size such as 512M, 4G or 1.5G, got 'lots'"):
         parse_size("lots")
 
 

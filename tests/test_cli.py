@@ -129,6 +129,7 @@ def test_every_option_of_every_command_has_help():
     (["--dtype", "float64"], "--dtype: invalid choice"),
     (["--max-new-tokens", "many"], "--max-new-tokens: invalid int value"),
     (["--prompt-ids", "1,x"], "--prompt-ids expected comma-separated integers"),
+    (["--memory-budget", "lots"], "--memory-budget must be a memory size such as 512M"),
 ])
 def test_errors_name_the_flag(llama3_tiny, args, message, capsys):
     """In process, for speed: the same main() the command runs."""
