@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from . import batch as batching
+from . import batch as batching, kernels
 from .budget import Plan, parse_size, plan
 from .errors import StreamerError
 from .generate import GenStats, SamplingParams, TextOut, check_prompt, generate as decode
@@ -30,6 +30,7 @@ from .runner import Runner
 from .tokenizer import STOP_IDS, ChatFormat, Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPILE_MIN_BYTES = 1 << 30  # ~0.02 s saved per GB per token against ~2-20 s of compiling once
 
 
 def pick_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -80,11 +81,13 @@ class Engine:
     memory cgroup's limit, or 85% of the available memory). dtype: "auto", "float32" or "bfloat16".
     max_seq_len: the context (default: the model's). tokenizer: a path or tokenizer object (default: the one in
     the model folder). keep_resident=False streams every block even when the budget could keep some in RAM.
+    compile: compile the one-row matmul of decode (kernels.py): "auto" does where it pays back (bf16, at least
+    COMPILE_MIN_BYTES of weights kept in RAM, a C++ compiler present).
     runner_options override the planner's runner settings (ring_bytes, resident, max_pass_tokens, readers)."""
 
     def __init__(self, model: str | Path, memory_budget: str | int | None = None, dtype: str | torch.dtype = "auto", *,
                  max_seq_len: int | None = None, tokenizer=None, keep_resident: bool = True,
-                 runner_options: dict | None = None):
+                 compile: bool | str = "auto", runner_options: dict | None = None):
         self.files = ModelFiles(Path(model).expanduser())
         self.args = self.files.args
         self.dtype = pick_dtype(dtype)
@@ -97,6 +100,9 @@ class Engine:
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self.stop_ids = self.tokenizer.stop_ids if self.tokenizer else STOP_IDS
         self.keep_resident = keep_resident
+        if compile not in (True, False, "auto"):
+            raise StreamerError(f"must be True, False or 'auto', got {compile!r}", param="compile")
+        self.compile = compile
         self.runner_options = dict(runner_options or {})
         self.plan: Plan | None = None
         self._runner: Runner | None = None
@@ -158,7 +164,12 @@ class Engine:
             return self._runner
         self.release()
         self.plan = plan(self.files, self.budget, batch, context, self.keep_resident)
-        self._runner = Runner(self.files, self.dtype, self.monitor, **{**self.plan.runner_kwargs(), **self.runner_options})
+        compile = self.compile
+        if compile == "auto":  # the kernel's compile time pays back only over many resident bf16 bytes
+            compile = (self.dtype == torch.bfloat16 and self.plan.resident_bytes >= COMPILE_MIN_BYTES
+                       and kernels.can_compile())
+        self._runner = Runner(self.files, self.dtype, self.monitor, compile=compile,
+                              **{**self.plan.runner_kwargs(), **self.runner_options})
         return self._runner
 
     def kv_cache(self, slots: int, kv_dir: str | Path | None = None) -> DiskKVCache:

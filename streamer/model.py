@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .args import ModelArgs
+from .kernels import linear_one_row, swiglu_one_row
 from .quant import qlinear
 
 
@@ -91,6 +92,9 @@ def feed_forward(x: torch.Tensor, pieces) -> torch.Tensor:
     (w1[j] [c, dim], w3[j] [c, dim], w2[:, j] [dim, c]). Partial sums accumulate in float32."""
     y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
     for w1, w3, w2 in pieces:
+        if x.shape[0] == 1 and (part := swiglu_one_row(x, w1, w3, w2)) is not None:  # batch-1 decode, compiled
+            y += part
+            continue
         h = F.silu(linear(x, w1)) * linear(x, w3)  # [N, c]
         y += linear(h, w2)
     return y.to(x.dtype)
@@ -108,8 +112,8 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
     quantized weights go straight to their kernels."""
     if not isinstance(weight, torch.Tensor):
         return qlinear(x, weight)
-    if x.shape[0] == 1:  # one row (batch-1 decode): torch.mv streams the weights ~2x faster than linear here
-        return torch.mv(weight.to(x.dtype), x[0])[None]
+    if x.shape[0] == 1:  # batch-1 decode: reading the weights is the whole cost (kernels.py)
+        return linear_one_row(x, weight)
     return F.linear(x, weight.to(x.dtype))
 
 

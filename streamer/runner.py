@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from . import model
+from . import kernels, model
 from .kvcache import KVCache
 from .layout import ModelFiles
 from .memory import MemoryMonitor, trim_page_cache
@@ -30,16 +30,18 @@ class IOStats:
 class Runner:
     """Runs packed chunks of tokens through the streamed model, keeping keys and values in `cache`.
 
-    ring_bytes bounds the memory the streamed weights take; `resident` names files kept in RAM."""
+    ring_bytes bounds the memory the streamed weights take; `resident` names files kept in RAM;
+    compile=True computes one-row matmuls with the compiled kernel (kernels.py)."""
 
     def __init__(self, files: ModelFiles, dtype: torch.dtype, monitor: MemoryMonitor | None = None,
                  ring_bytes: int = 0, readers: int = 4, resident: Sequence[str] = (),
-                 max_pass_tokens: int = MAX_PASS_TOKENS):
+                 max_pass_tokens: int = MAX_PASS_TOKENS, compile: bool = False):
         self.files, self.args, self.dtype = files, files.args, dtype
         self.freqs = model.rope_frequencies(self.args)
         self.monitor = monitor
         self.io = IOStats()
         self.max_pass_tokens = max_pass_tokens
+        self.compiled = compile
         self.names = files.step_files()  # blocks, then the head
         pieces = {n: file_pieces(files.folder / n, files.headers[n]) for n in self.names}
         self.resident = [n for n in self.names if n in resident]
@@ -66,7 +68,8 @@ class Runner:
         out = torch.empty(len(chunks), self.args.vocab_size)
         for part in _passes(chunks, self.max_pass_tokens):
             want = [i for i, (_, _, last) in enumerate(part) if last]
-            logits = self._pass([c for _, c, _ in part], cache, phase, want)
+            with kernels.one_row(self.compiled):
+                logits = self._pass([c for _, c, _ in part], cache, phase, want)
             for i, row in zip(want, logits):
                 out[part[i][0]] = row
         cache.commit()

@@ -256,15 +256,42 @@ class StreamedFile(FileView):
         self.stream.release()
 
 
+def read_whole(path: Path, readers: int = 4) -> torch.Tensor:
+    """The whole file, as uint8, in private page-aligned memory (huge pages where the kernel has them), read
+    like the ring: 16 MiB preads over `readers` threads, O_DIRECT where the filesystem allows it, so no page
+    cache is filled, charged or copied from."""
+    size = os.path.getsize(path)
+    buf = mmap.mmap(-1, max(ALIGN, -(-size // ALIGN) * ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    fd, direct = _open(path, direct=True)
+
+    def read(off: int) -> None:
+        dst = memoryview(buf)[off:off + READ_CHUNK]
+        got = 0
+        while got < len(dst) and (n := os.preadv(fd, [dst[got:]], off + got)):
+            got += n
+        if got < min(READ_CHUNK, size - off):
+            raise StreamerError(f"{path}: file ended early at byte {off + got} of {size}")
+
+    try:
+        with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="streamer-load") as pool:
+            list(pool.map(read, range(0, size, READ_CHUNK)))
+    except OSError as e:
+        raise StreamerError(f"{path}: read failed ({e.strerror or e})") from None
+    finally:
+        if not direct:
+            drop_cache(fd)
+        os.close(fd)
+    return torch.frombuffer(buf, dtype=torch.uint8)[:size]
+
+
 class ResidentFile(FileView):
     """A file read once into its own buffer and kept (a memory budget's resident blocks)."""
 
     def __init__(self, path: Path, pieces: list[Piece]):
         super().__init__(pieces)
-        self.buf = torch.empty(os.path.getsize(path), dtype=torch.uint8)
-        with open(path, "rb") as f:
-            f.readinto(memoryview(self.buf.numpy()))
-            drop_cache(f.fileno())
+        self.buf = read_whole(path)
         self.t = {p.name: self.buf[p.offset:p.offset + p.nbytes].view(p.dtype).view(p.shape) for p in pieces}
 
     def _take(self, name: str) -> torch.Tensor:

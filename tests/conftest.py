@@ -53,10 +53,10 @@ def llama3_tiny(tmp_path_factory, tokenizer_path) -> Path:
     return root / "layers"
 
 
-def stream(folder: Path, prompt: list[int], n: int, dtype=torch.float32, kv_dir=None, runner_kw=None, **kw):
+def stream(folder: Path, prompt: list[int], n: int, dtype=torch.float32, kv_dir=None, runner_kw=None, compile=False, **kw):
     """Greedy generation through the Engine (streamed runner, disk KV cache): (pieces, stats)."""
     stats = GenStats()
-    with Engine(folder, dtype=dtype, max_seq_len=256, runner_options=runner_kw) as engine:
+    with Engine(folder, dtype=dtype, max_seq_len=256, compile=compile, runner_options=runner_kw) as engine:
         pieces = list(engine.stream(prompt_ids=prompt, max_new_tokens=n, kv_dir=kv_dir, stats=stats, **kw))
     return pieces, stats
 

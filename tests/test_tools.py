@@ -29,10 +29,11 @@ def test_bench_smoke(tmp_path):
         subprocess.run([sys.executable, "-m", "streamer", "split", meta, tmp_path / (q or "layers"), "--quiet"]
                        + (["--quantize", q] if q else []), check=True, capture_output=True)
     r = subprocess.run([sys.executable, TOOLS / "bench.py", tmp_path / "layers", "--cap", "none", "--warm", "--steps", "1",
-                        "--cases", "floor,matmul,batch,prefill,int8,int4", "--batches", "1,2",
+                        "--cases", "floor,matmul,batch,prefill,int8,int4,resident", "--batches", "1,2", "--compile", "off",
                         "--int8", tmp_path / "int8", "--int4", tmp_path / "int4"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    for row in ("cold read", "matmul rate", "decode step, batch 2", "prefill 1 x 512", "int8 files", "int4 files"):
+    for row in ("cold read", "matmul rate", "decode step, batch 2", "prefill 1 x 512", "int8 files", "int4 files",
+                "memory read rate", "decode step, all resident", "loading them"):
         assert row in r.stdout, r.stdout
     assert "failed" not in r.stdout
     r = subprocess.run([sys.executable, TOOLS / "bench_memory.py", meta, tmp_path / "layers", "--caps", "none", "--budgets", "",

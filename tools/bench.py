@@ -98,8 +98,42 @@ def block_flops(args, tokens: int) -> float:
     return per_token * tokens
 
 
+def memory_read_rate(nbytes: int = 4 << 30, reps: int = 3) -> float:
+    """Bytes/s of a plain large read from RAM, like STREAM: the floor of a decode step whose weights are resident."""
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    buf.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def gemv_rates(shapes: list[tuple[int, int]], total: int = 1 << 30) -> dict:
+    """GB/s of each one-row matmul kernel on bf16 weights of these shapes, `total` bytes of them (so not cached)."""
+    import torch.nn.functional as F
+    from streamer.kernels import compiled_gemv
+    kernels = {"torch.mv": lambda w, x: torch.mv(w, x[0]), "F.linear": F.linear,
+               "compiled": lambda w, x: compiled_gemv(w, x[0])}
+    out = {}
+    for o, i in shapes:
+        ws = [torch.randn(o, i).to(torch.bfloat16) for _ in range(max(1, total // (2 * o * i)))]
+        x = torch.randn(1, i).to(torch.bfloat16)
+        for name, k in kernels.items():
+            k(ws[0], x)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for w in ws:
+                    k(w, x)
+                best = min(best, time.perf_counter() - t0)
+            out[f"{name} [{o}, {i}]"] = len(ws) * 2 * o * i / best / 1e9
+    return out
+
+
 def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.bfloat16, paired: bool = False,
-              **runner_kw) -> dict:
+              compile="auto", **runner_kw) -> dict:
     """Prefill `batch` random prompts of `prompt_len` tokens together, then `steps` decode steps.
 
     paired: before each step, measure the disk floor (floor_read of the bytes a step reads), then time the step
@@ -108,9 +142,11 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
     normally gets from the one before, so the ratio errs against us."""
     import random
     from streamer import Engine
-    engine = Engine(model, dtype=dtype, max_seq_len=prompt_len + steps + 1, runner_options=runner_kw)
+    engine = Engine(model, dtype=dtype, max_seq_len=prompt_len + steps + 1, compile=compile, runner_options=runner_kw)
     context = prompt_len + steps + 1
+    t0 = time.perf_counter()
     runner = engine.runner(batch, context)  # planned as the CLI plans it
+    load = time.perf_counter() - t0
     files = engine.files
     streamed = [model / n for n in files.step_files() if n not in runner.resident]
     cache = engine.kv_cache(batch)
@@ -139,7 +175,8 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
     engine.close()
     out = {"batch": batch, "prompt_len": prompt_len, "prefill_s": prefill, "step_s": sorted(times)[len(times) // 2],
            "steps": times, "bytes_per_step": nbytes, "kv_bytes_on_disk": kv_disk, "peak_private": mem.peak["private"],
-           "peak_rss": mem.peak["rss"], "prefill_flops": block_flops(files.args, batch * prompt_len)}
+           "peak_rss": mem.peak["rss"], "prefill_flops": block_flops(files.args, batch * prompt_len),
+           "load_s": load, "resident_bytes": engine.plan.resident_bytes, "compiled": runner.compiled}
     if floors:
         ratios = sorted(t / f["seconds"] for t, f in zip(times, floors))
         out |= {"floors": floors, "paired_floor_s": sorted(f["seconds"] for f in floors)[len(floors) // 2],
@@ -195,6 +232,12 @@ def worker(case: str, model: Path, a) -> dict:
     args = ModelFiles(model).args
     if case.startswith("floor"):
         return cold_read(step_files(model), int(case.removeprefix("floor")))
+    if case == "membw":
+        return {"read_bps": memory_read_rate()}
+    if case == "gemv":
+        return gemv_rates([(1024, args.dim), (args.dim, 1024), (2048, args.dim)])
+    if case == "resident":  # every block in RAM (run it with --cap none on a machine that holds the model)
+        return run_steps(model, 1, 16, a.steps, compile={"on": True, "off": False}.get(a.compile, "auto"))
     if case == "matmul":
         return {"decode_flops": matmul_rate(args.dim, args.ffn_dim, 1), "prefill_flops": matmul_rate(args.dim, args.ffn_dim, 512)}
     if case.startswith("batch"):
@@ -231,7 +274,7 @@ def drop_caches() -> None:
 def measure(case: str, model: Path, cap: str, a) -> dict:
     if not a.warm:
         drop_caches()
-    cmd = [sys.executable, __file__, str(model), "--worker", case, "--steps", str(a.steps)]
+    cmd = [sys.executable, __file__, str(model), "--worker", case, "--steps", str(a.steps), "--compile", a.compile]
     cmd += ["--paired" if a.paired else "--no-paired"]
     for opt in ("int8", "int4", "hf"):
         if getattr(a, opt):
@@ -264,6 +307,8 @@ def main() -> None:
     p.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the disk floor before every decode step and compare each step with its own floor")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache between cases (smoke runs)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="the compiled one-row kernel in the resident case (kernels.py)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--cap-bytes", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -274,7 +319,9 @@ def main() -> None:
     if "batch" in cases:
         cases[cases.index("batch"):cases.index("batch") + 1] = [f"batch{b}" for b in a.batches.split(",")]
     res = {}
-    if any(c.startswith("batch") or c in ("prefill", "longctx") for c in cases):
+    if ("resident" in cases or "gemv" in cases) and "membw" not in cases:
+        cases.insert(0, "membw")
+    if any(c.startswith("batch") or c in ("prefill", "longctx", "resident") for c in cases):
         cases = ["floor1", "floor4"] + [c for c in cases if c not in ("floor", "floor1", "floor4")]
     else:
         cases = [x for c in cases for x in (["floor1", "floor4"] if c == "floor" else [c])]
@@ -309,6 +356,23 @@ def report(res: dict, a) -> str:
             rows.append(f"| cold read of one step's weights, {k[5:]} reader(s) | {r['seconds']:.2f} s ({r['gbps']:.2f} GB/s, "
                         f"{r['bytes'] / 1e9:.2f} GB) | | |")
     best_gbps = max((f["gbps"] for f in floors), default=None)
+    membw = res.get("membw", {}).get("read_bps")
+    if membw:
+        rows.append(f"| memory read rate (sum over 4 GiB) | {membw / 1e9:.1f} GB/s | | |")
+    for name, rate in res.get("gemv", {}).items():
+        if isinstance(rate, float):
+            rows.append(f"| one-row bf16 matmul, {name} | {rate:.1f} GB/s of weights | {membw / 1e9:.1f} GB/s (memory) | "
+                        f"{membw / 1e9 / rate:.2f} |" if membw else f"| one-row bf16 matmul, {name} | {rate:.1f} GB/s | | |")
+    r = res.get("resident", {})
+    if "step_s" in r:
+        floor = r["resident_bytes"] / membw if membw else None
+        rows.append(f"| decode step, all resident ({r['resident_bytes'] / 1e9:.2f} GB in RAM, compiled kernel "
+                    f"{'on' if r['compiled'] else 'off'}) | {r['step_s']:.3f} s, peak private {r['peak_private'] / 2**20:.0f} MiB | "
+                    + (f"{floor:.3f} s (memory) | {r['step_s'] / floor:.2f} |" if floor else "| |"))
+        if best_gbps:
+            cold = r["resident_bytes"] / 1e9 / best_gbps
+            rows.append(f"| loading them (reading {r['resident_bytes'] / 1e9:.2f} GB into RAM) | {r['load_s']:.1f} s, then "
+                        f"prefill of 16 tokens {r['prefill_s']:.2f} s | {cold:.1f} s (cold read) | {r['load_s'] / cold:.2f} |")
     mm = res.get("matmul", {})
     if "decode_flops" in mm:
         rows.append(f"| bf16 matmul rate | {mm['decode_flops'] / 1e12:.2f} TFLOP/s at 1 row, "
