@@ -319,7 +319,7 @@ def main() -> None:
     if "batch" in cases:
         cases[cases.index("batch"):cases.index("batch") + 1] = [f"batch{b}" for b in a.batches.split(",")]
     res = {}
-    if ("resident" in cases or "gemv" in cases) and "membw" not in cases:
+    if any(c in ("resident", "gemv") or c.startswith("batch") for c in cases) and "membw" not in cases:
         cases.insert(0, "membw")
     if any(c.startswith("batch") or c in ("prefill", "longctx", "resident") for c in cases):
         cases = ["floor1", "floor4"] + [c for c in cases if c not in ("floor", "floor1", "floor4")]
@@ -334,17 +334,21 @@ def main() -> None:
         a.out.write_text(table + "\n\n<details><summary>raw</summary>\n\n```\n" + json.dumps(res, indent=1) + "\n```\n</details>\n")
 
 
-def _disk_floor(r: dict, best_gbps: float | None) -> tuple[str, str]:
+def _disk_floor(r: dict, best_gbps: float | None, membw: float | None) -> tuple[str, str]:
     """The floor and ratio cells of a decode case: paired (each step against the floor read just before it,
-    medians of both), else the step's bytes at the best rate of the floor cases."""
+    medians of both), else the step's bytes at the best rate of the floor cases. Blocks kept resident add
+    their bytes at the memory read rate (when the run measured it, case membw)."""
+    ram = r.get("resident_bytes", 0) / membw if membw else 0.0
+    plus = f" + {ram:.2f} s (resident, memory)" if ram else ""
     if "paired_ratio" in r:
         hows = sorted({f["how"] for f in r["floors"]})
-        return (f"{r['paired_floor_s']:.2f} s (disk, read before each step: {', '.join(hows)})",
-                f"{r['paired_ratio']:.2f} (per step: {', '.join(f'{x:.2f}' for x in r['paired_ratios'])})")
+        ratios = sorted(t / (f["seconds"] + ram) for t, f in zip(r["steps"], r["floors"]))
+        return (f"{r['paired_floor_s']:.2f} s (disk, read before each step: {', '.join(hows)}){plus}",
+                f"{ratios[len(ratios) // 2]:.2f} (per step: {', '.join(f'{x:.2f}' for x in ratios)})")
     if not best_gbps:
         return "", ""
     floor = r["bytes_per_step"] / 1e9 / best_gbps
-    return f"{floor:.2f} s (disk)", f"{r['step_s'] / floor:.2f}"
+    return f"{floor:.2f} s (disk){plus}", f"{r['step_s'] / (floor + ram):.2f}"
 
 
 def report(res: dict, a) -> str:
@@ -380,7 +384,7 @@ def report(res: dict, a) -> str:
     base = res.get("batch1", {}).get("step_s")  # the bf16 batch-1 step, which the others are compared with
     for k, r in res.items():
         if (k.startswith("batch") or k in ("int8", "int4")) and "step_s" in r:
-            floor, ratio = _disk_floor(r, best_gbps)
+            floor, ratio = _disk_floor(r, best_gbps, membw)
             what = f"batch {r['batch']}" if k.startswith("batch") else f"{k} files, batch 1"
             vs = f"{r['step_s'] / base:.2f}x the bf16 batch-1 step; " if base and k != "batch1" else ""
             rows.append(f"| decode step, {what} ({r['bytes_per_step'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "
