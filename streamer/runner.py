@@ -68,7 +68,7 @@ class Runner:
         out = torch.empty(len(chunks), self.args.vocab_size)
         for part in _passes(chunks, self.max_pass_tokens):
             want = [i for i, (_, _, last) in enumerate(part) if last]
-            with kernels.one_row(self.compiled):
+            with kernels.one_row(self.compiled and phase == "decode"):  # compiling waits for the first token
                 logits = self._pass([c for _, c, _ in part], cache, phase, want)
             for i, row in zip(want, logits):
                 out[part[i][0]] = row

@@ -228,6 +228,7 @@ def peer_steps(kind: str, hf: Path, batch: int, steps: int, cap_bytes: int, prom
 
 def worker(case: str, model: Path, a) -> dict:
     torch.set_num_threads(os.cpu_count())
+    compile = {"on": True, "off": False}.get(a.compile, "auto")
     from streamer.layout import ModelFiles
     args = ModelFiles(model).args
     if case.startswith("floor"):
@@ -237,17 +238,17 @@ def worker(case: str, model: Path, a) -> dict:
     if case == "gemv":
         return gemv_rates([(1024, args.dim), (args.dim, 1024), (2048, args.dim)])
     if case == "resident":  # every block in RAM (run it with --cap none on a machine that holds the model)
-        return run_steps(model, 1, 16, a.steps, compile={"on": True, "off": False}.get(a.compile, "auto"))
+        return run_steps(model, 1, 16, a.steps, compile=compile)
     if case == "matmul":
         return {"decode_flops": matmul_rate(args.dim, args.ffn_dim, 1), "prefill_flops": matmul_rate(args.dim, args.ffn_dim, 512)}
     if case.startswith("batch"):
-        return run_steps(model, int(case.removeprefix("batch")), 16, a.steps, paired=a.paired)
+        return run_steps(model, int(case.removeprefix("batch")), 16, a.steps, paired=a.paired, compile=compile)
     if case == "prefill":
-        return run_steps(model, 1, 512, 1)
+        return run_steps(model, 1, 512, 1, compile=compile)
     if case == "longctx":
-        return run_steps(model, 8, 1536, 2)
+        return run_steps(model, 8, 1536, 2, compile=compile)
     if case in ("int8", "int4"):
-        return run_steps(getattr(a, case), 1, 16, a.steps, paired=a.paired)
+        return run_steps(getattr(a, case), 1, 16, a.steps, paired=a.paired, compile=compile)
     if case == "hflongctx":  # the long-context job (8 x 1536) through HF + accelerate offload
         return peer_steps("hf", a.hf, 8, 1, a.cap_bytes, prompt_len=1536)
     if case.startswith(("hf", "airllm")):
@@ -308,7 +309,7 @@ def main() -> None:
                    help="measure the disk floor before every decode step and compare each step with its own floor")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache between cases (smoke runs)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="the compiled one-row kernel in the resident case (kernels.py)")
+                   help="the compiled one-row kernels of decode (kernels.py): Engine's auto, or forced on or off")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--cap-bytes", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
