@@ -49,7 +49,7 @@ class Runner:
         self.stream = (WeightStream([(files.folder / n, pieces[n]) for n in streamed], ring_bytes, readers)
                        if streamed else None)
         # each file's view, built once: resident files hold their tensors, streamed ones take from the ring
-        self.views = {n: ResidentFile(files.folder / n, pieces[n]) if n in resident else StreamedFile(self.stream, pieces[n])
+        self.views = {n: ResidentFile(files.folder / n, pieces[n], dtype) if n in resident else StreamedFile(self.stream, pieces[n])
                       for n in self.names}
         self.streamed_bytes = sum(files.files[n]["bytes"] for n in streamed)
         self.io.resident_bytes = self.io.bytes_read = sum(files.files[n]["bytes"] for n in self.resident)

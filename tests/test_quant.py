@@ -61,3 +61,15 @@ def test_quantized_split_is_deterministic_and_smaller(tmp_path):
     assert size("int4-a") < size("int8-a") < 0.3 * size("layers")  # float32 source: 4 bytes a weight
     steps, _ = stream(tmp_path / "int8-a", [1, 2, 3], 8, dtype=torch.bfloat16)
     assert len(steps) == 8
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_resident_scales_converted_once_give_the_same_output(tmp_path, scheme):
+    """Resident files hold their scales in the compute dtype (converted at load); streamed ones convert them at
+    each matmul. Both give the very same bf16 numbers."""
+    make_split(tmp_path, {**GQA, "dim": 128, "n_heads": 4})
+    split(tmp_path / "meta", tmp_path / scheme, quantize=scheme)
+    resident, _ = stream(tmp_path / scheme, [1, 2, 3], 8, dtype=torch.bfloat16)
+    streamed, _ = stream(tmp_path / scheme, [1, 2, 3], 8, dtype=torch.bfloat16, runner_kw={"resident": []})
+    assert [p.token for p in resident] == [p.token for p in streamed]
+    assert [p.logprob for p in resident] == [p.logprob for p in streamed]
