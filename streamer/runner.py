@@ -31,7 +31,7 @@ class Runner:
     """Runs packed chunks of tokens through the streamed model, keeping keys and values in `cache`.
 
     ring_bytes bounds the memory the streamed weights take; `resident` names files kept in RAM;
-    compile=True computes one-row matmuls with the compiled kernel (kernels.py)."""
+    compile=True runs the one-row matmuls of decode passes on the compiled kernels (kernels.py)."""
 
     def __init__(self, files: ModelFiles, dtype: torch.dtype, monitor: MemoryMonitor | None = None,
                  ring_bytes: int = 0, readers: int = 4, resident: Sequence[str] = (),
