@@ -88,6 +88,7 @@ class Plan:
     code_cache: int  # page cache left for the runtime's code (a cgroup charges it)
     bytes_per_step: int  # weight bytes read from disk per decode step
     file_bytes: dict[str, int] = field(default_factory=dict)
+    kv_ram: int = 0  # the whole KV cache, when it fits beside the weights: kept in RAM (else on disk)
 
     def runner_kwargs(self) -> dict:
         return {"ring_bytes": self.ring_bytes, "resident": self.resident, "max_pass_tokens": self.max_pass_tokens}
@@ -99,7 +100,8 @@ class Plan:
     def breakdown(self) -> dict[str, int]:
         """The parts of the predicted peak; they add up to it."""
         return {"runtime": BASELINE, "code page cache": self.code_cache, "weight ring": self.ring_bytes,
-                "resident weights": self.resident_bytes, "activations": self.activations, "KV of one block": self.kv_block}
+                "resident weights": self.resident_bytes, "activations": self.activations, "KV of one block": self.kv_block,
+                "KV cache in RAM": self.kv_ram}
 
     @property
     def predicted_peak(self) -> int:
@@ -121,8 +123,9 @@ def activation_bytes(files: ModelFiles, tokens: int, batch: int, context: int) -
 
 def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: int = 2048,
          keep_resident: bool = True) -> Plan:
-    """Split `budget` (default: the available memory) into activations, the ring and resident files;
-    refuse, naming what does not fit, when it cannot work. keep_resident=False streams every file."""
+    """Split `budget` (default: the available memory) into activations, the ring and resident files, and keep
+    the whole KV cache in RAM when it fits in what they leave; refuse, naming what does not fit, when it cannot
+    work. keep_resident=False streams every file."""
     budget = available_memory() if budget is None else budget
     names = files.step_files()
     sizes = {n: files.files[n]["bytes"] for n in names}
@@ -157,7 +160,9 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
                 left -= sizes[n]
     resident.sort(key=names.index)
     streamed = sum(sizes[n] for n in names if n not in resident)
-    return Plan(budget, batch, context, ring, resident, tokens, act, kv_block, code, streamed, sizes)
+    left = spare - ring - sum(sizes[n] for n in resident)
+    kv_ram = a.n_layers * kv_block if keep_resident and a.n_layers * kv_block <= left else 0
+    return Plan(budget, batch, context, ring, resident, tokens, act, kv_block, code, streamed, sizes, kv_ram)
 
 
 def measure_disk(files: ModelFiles, nbytes: int = 1 << 30) -> float:
@@ -198,6 +203,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"  resident         {len(blocks)} of {files.args.n_layers} blocks" + (", and the head" if "head.safetensors" in p.resident else "")
           + (f" ({blocks[0]} .. {blocks[-1]})" if blocks else ""))
     print(f"  read per step    {p.bytes_per_step / 1e9:.2f} GB; prefill passes of up to {p.max_pass_tokens} tokens")
+    print(f"  KV cache         " + (f"in RAM ({mib(p.kv_ram)})" if p.kv_ram else
+                                    f"on disk ({mib(files.args.n_layers * p.kv_block)}), one block's in RAM at a time"))
     print(f"  disk-bound floor {p.bytes_per_step / 1e9 / gbps:.2f} s per decode step at {gbps:.2f} GB/s"
           + ("" if args.disk_gbps else " (measured)"))
     return 0

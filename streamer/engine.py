@@ -23,7 +23,7 @@ from . import batch as batching, kernels
 from .budget import Plan, parse_size, plan
 from .errors import StreamerError
 from .generate import GenStats, SamplingParams, TextOut, check_prompt, generate as decode
-from .kvcache import DiskKVCache
+from .kvcache import DiskKVCache, KVCache, MemoryKVCache
 from .layout import ModelFiles
 from .memory import MemoryMonitor, MemoryReport
 from .runner import Runner
@@ -83,11 +83,13 @@ class Engine:
     the model folder). keep_resident=False streams every block even when the budget could keep some in RAM.
     compile: compile the one-row matmul of decode (kernels.py): "auto" does where it pays back (bf16, at least
     COMPILE_MIN_BYTES of weights kept in RAM, a C++ compiler present).
+    kv_cache: "auto" keeps the KV cache in RAM when the memory plan has room for all of it, else on disk;
+    "disk" always on disk (a kv_dir, to resume from, is always on disk).
     runner_options override the planner's runner settings (ring_bytes, resident, max_pass_tokens, readers)."""
 
     def __init__(self, model: str | Path, memory_budget: str | int | None = None, dtype: str | torch.dtype = "auto", *,
                  max_seq_len: int | None = None, tokenizer=None, keep_resident: bool = True,
-                 compile: bool | str = "auto", runner_options: dict | None = None):
+                 compile: bool | str = "auto", kv_cache: str = "auto", runner_options: dict | None = None):
         self.files = ModelFiles(Path(model).expanduser())
         self.args = self.files.args
         self.dtype = pick_dtype(dtype)
@@ -103,6 +105,9 @@ class Engine:
         if compile not in (True, False, "auto"):
             raise StreamerError(f"must be True, False or 'auto', got {compile!r}", param="compile")
         self.compile = compile
+        if kv_cache not in ("auto", "disk"):
+            raise StreamerError(f"must be 'auto' or 'disk', got {kv_cache!r}", param="kv_cache")
+        self.kv_placement = kv_cache
         self.runner_options = dict(runner_options or {})
         self.plan: Plan | None = None
         self._runner: Runner | None = None
@@ -172,8 +177,12 @@ class Engine:
                               **{**self.plan.runner_kwargs(), **self.runner_options})
         return self._runner
 
-    def kv_cache(self, slots: int, kv_dir: str | Path | None = None) -> DiskKVCache:
-        """A disk KV cache for `slots` sequences of up to max_seq_len tokens: kept in kv_dir, or temporary."""
+    def kv_cache(self, slots: int, kv_dir: str | Path | None = None) -> KVCache:
+        """A KV cache for `slots` sequences: in RAM when the plan has room for it all (sized to the plan's context),
+        else on disk, up to max_seq_len tokens each, kept in kv_dir (always on disk, to resume from) or temporary."""
+        if (kv_dir is None and self.kv_placement == "auto" and self.plan is not None and self.plan.kv_ram
+                and slots <= self.plan.batch):
+            return MemoryKVCache(self.args, slots, min(self.plan.context, self.max_seq_len), self.dtype)
         return DiskKVCache(self.args, slots, self.max_seq_len, self.dtype, self.files.manifest_sha256,
                            Path(kv_dir).expanduser() if kv_dir is not None else None)
 

@@ -31,7 +31,8 @@ class Runner:
     """Runs packed chunks of tokens through the streamed model, keeping keys and values in `cache`.
 
     ring_bytes bounds the memory the streamed weights take; `resident` names files kept in RAM;
-    compile=True runs the one-row matmuls of decode passes on the compiled kernels (kernels.py)."""
+    compile=True runs the one-row matmuls of decode passes (one new token per sequence) on the compiled
+    kernels (kernels.py)."""
 
     def __init__(self, files: ModelFiles, dtype: torch.dtype, monitor: MemoryMonitor | None = None,
                  ring_bytes: int = 0, readers: int = 4, resident: Sequence[str] = (),
@@ -66,9 +67,10 @@ class Runner:
         """chunks: (slot, new token ids) per sequence; each continues where its slot's cache ends.
         Returns float32 logits [len(chunks), vocab] for the last new token of each chunk."""
         out = torch.empty(len(chunks), self.args.vocab_size)
+        decode = all(len(ids) == 1 for _, ids in chunks)  # one new token per sequence: no prefill in this forward
         for part in _passes(chunks, self.max_pass_tokens):
             want = [i for i, (_, _, last) in enumerate(part) if last]
-            with kernels.one_row(self.compiled and phase == "decode"):  # compiling waits for the first token
+            with kernels.one_row(self.compiled and decode):  # compiled kernels in decode only: never before the first token
                 logits = self._pass([c for _, c, _ in part], cache, phase, want)
             for i, row in zip(want, logits):
                 out[part[i][0]] = row

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import assert_logprobs_close, GQA, SCALED, make_split, stream
-from streamer import DiskKVCache, MemoryKVCache, ModelFiles, Runner, StreamerError
+from streamer import DiskKVCache, Engine, MemoryKVCache, ModelFiles, Runner, StreamerError
+from streamer.budget import BASELINE, plan
 
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93]
 
@@ -27,11 +28,26 @@ def recompute(folder, prompt, n):
 @pytest.mark.parametrize("params", [GQA, SCALED], ids=["gqa", "scaled_rope"])
 def test_cache_equals_full_recompute(tmp_path, params):
     folder = make_split(tmp_path, params)
-    steps, stats = stream(folder, PROMPT, 64)
+    steps, stats = stream(folder, PROMPT, 64, kv_cache="disk")
     ref = recompute(folder, PROMPT, 64)
     assert [s.token for s in steps] == [t for t, _ in ref]
     assert_logprobs_close(torch.tensor([s.logprob for s in steps]), torch.tensor([lp for _, lp in ref]))
     assert stats.passes == 64 and stats.tokens_run == len(PROMPT) + 63  # one prefill, then one new token per step
+
+
+def test_kv_placement_does_not_change_the_output(tmp_path):
+    """The plan keeps the whole KV cache in RAM when it fits: the same tokens and logprobs as on disk, bit for bit."""
+    folder = make_split(tmp_path, GQA)
+    with Engine(folder, dtype="float32") as engine:
+        ram = engine.generate(prompt_ids=PROMPT, max_new_tokens=24)
+        assert engine.plan.kv_ram > 0 and isinstance(engine.kv_cache(1), MemoryKVCache)
+    with Engine(folder, dtype="float32", kv_cache="disk") as engine:
+        disk = engine.generate(prompt_ids=PROMPT, max_new_tokens=24)
+        assert isinstance(engine.kv_cache(1), DiskKVCache)
+    assert ram.tokens == disk.tokens and ram.logprobs == disk.logprobs
+    files = ModelFiles(folder)
+    tight = plan(files, BASELINE + (40 << 20), context=4096)  # the weights take what is left: KV on disk
+    assert tight.kv_ram == 0 and plan(files, 8 << 30, context=4096).kv_ram == GQA["n_layers"] * tight.kv_block
 
 
 def test_resume_from_kept_cache(tmp_path):

@@ -169,7 +169,7 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
         logits = runner.forward(nxt, cache, phase="decode")
         times.append(time.perf_counter() - t0)
         nbytes = runner.io.bytes_read - read0
-    kv_disk = sum(p.stat().st_blocks * 512 for p in cache.dir.glob("*.kv"))
+    kv_disk = sum(p.stat().st_blocks * 512 for p in cache.dir.glob("*.kv")) if hasattr(cache, "dir") else 0
     cache.close()
     mem = engine.memory()
     engine.close()
