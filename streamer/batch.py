@@ -47,20 +47,18 @@ class Active:
     pending: list[int] = field(default_factory=list)  # ids to feed at the next step
 
 
-def make_request(engine, obj, rid, defaults: SamplingParams, default_stop: list[str], seed: int) -> Request:
-    """A checked Request from one request object; raises StreamerError naming what is wrong."""
+def make_request(engine, obj, rid, defaults: dict, seed: int) -> Request:
+    """A checked Request from one request object, its options over `defaults` (Engine.sampling's arguments);
+    raises StreamerError naming what is wrong."""
     if not isinstance(obj, dict):
         raise StreamerError(f"expected a JSON object, got {type(obj).__name__}")
     if not any(k in obj for k in ("prompt", "messages", "prompt_ids")):
         raise StreamerError("no prompt: give one of prompt, messages or prompt_ids")
     ids = engine.prompt_ids(obj.get("prompt"), prompt_ids=obj.get("prompt_ids"), messages=obj.get("messages"))
-    opts = {k: obj[k] for k in LINE_OPTIONS if k in obj}
-    line_seed = opts.pop("seed", None)
-    if line_seed is None:  # reproducible per prompt whatever batch it lands in
-        line_seed = zlib.crc32(json.dumps([seed, rid]).encode())
-    params, stop_text = engine.sampling(**{"max_new_tokens": defaults.max_new_tokens, "temperature": defaults.temperature,
-                                           "top_p": defaults.top_p, "stop": default_stop + sorted(defaults.stop_ids - engine.stop_ids),
-                                           **opts, "seed": line_seed})
+    opts = {**defaults, **{k: obj[k] for k in LINE_OPTIONS if k in obj}}
+    if opts.get("seed") is None:  # reproducible per prompt whatever batch it lands in
+        opts["seed"] = zlib.crc32(json.dumps([seed, rid]).encode())
+    params, stop_text = engine.sampling(**opts)
     engine.check_fits(len(ids), params.max_new_tokens)
     return Request(rid, ids, params, stop_text)
 
@@ -146,10 +144,9 @@ class ResultLog:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.done: set[str] = set()
         records = self._read() if self.path.exists() else []
-        self.done = {key(r["id"]) for r in records if "error" not in r}
         kept = [r for r in records if "error" not in r]
+        self.done = {key(r["id"]) for r in kept}
         if len(kept) < len(records):  # ids whose only record is an error are retried: the new record replaces it
             write_atomic(self.path, b"".join((json.dumps(r) + "\n").encode() for r in kept))
         try:

@@ -200,7 +200,8 @@ def main(args: argparse.Namespace) -> int:
     blocks = [n for n in p.resident if n.startswith("block_")]
     print(f"memory budget {mib(p.budget)} for batch {args.batch_size}, context {args.context}:")
     print(f"  predicted peak   {mib(p.predicted_peak)} = " + " + ".join(f"{k} {mib(v)}" for k, v in p.breakdown().items()))
-    print(f"  resident         {len(blocks)} of {files.args.n_layers} blocks" + (", and the head" if "head.safetensors" in p.resident else "")
+    head = ", and the head" if "head.safetensors" in p.resident else ""
+    print(f"  resident         {len(blocks)} of {files.args.n_layers} blocks{head}"
           + (f" ({blocks[0]} .. {blocks[-1]})" if blocks else ""))
     print(f"  read per step    {p.bytes_per_step / 1e9:.2f} GB; prefill passes of up to {p.max_pass_tokens} tokens")
     print(f"  KV cache         " + (f"in RAM ({mib(p.kv_ram)})" if p.kv_ram else

@@ -45,7 +45,8 @@ def build_parser() -> tuple[Parser, dict]:
         module = importlib.import_module(f"streamer.{module_name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         getattr(module, f"setup_{prefix}arg_parser")(p)
-        handlers[name] = (getattr(module, f"{prefix}main"), {a.dest: a.option_strings[-1] for a in p._actions if a.option_strings})
+        flags = {a.dest: a.option_strings[-1] for a in p._actions if a.option_strings}  # parameter -> flag as typed
+        handlers[name] = (getattr(module, f"{prefix}main"), flags)
     return parser, handlers
 
 

@@ -120,7 +120,8 @@ class Engine:
         format), prompt_ids, or chat messages [{"role", "content"}, ...]."""
         given = [n for n, v in (("prompt", prompt), ("prompt_ids", prompt_ids), ("messages", messages)) if v is not None]
         if len(given) != 1:
-            raise StreamerError("give exactly one of prompt, prompt_ids or messages" + (f" (got {', '.join(given)})" if given else ""))
+            got = f" (got {', '.join(given)})" if given else ""
+            raise StreamerError(f"give exactly one of prompt, prompt_ids or messages{got}")
         if prompt_ids is not None:
             if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
                 raise StreamerError(f"must be a list of integers, got {type(prompt_ids).__name__}", param="prompt_ids")
@@ -237,16 +238,17 @@ class Engine:
         """Run many requests, all active ones sharing each pass over the weights; yield each result as it
         finishes. A request is {"id", "prompt" | "messages" | "prompt_ids", and optionally max_new_tokens,
         temperature, top_p, seed, stop}; the keyword arguments are the defaults. A request that cannot run
-        yields {"id", "error"} and the others go on. `totals` (a dict) receives prompts, prompt and completion
-        tokens, and passes."""
+        yields {"id", "error"} (with "param" where a parameter is at fault) and the others go on. `totals`
+        (a dict) receives prompts, prompt and completion tokens, and steps (passes over the weights)."""
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise StreamerError(f"must be a positive integer, got {batch_size!r}", param="batch_size")
-        defaults, default_stop = self.sampling(max_new_tokens, temperature, top_p, None, 0, stop)
+        defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stop}
+        self.sampling(**defaults)  # bad defaults fail the call, not each request
         todo = []
         for k, obj in enumerate(requests):
             rid = obj.get("id", k) if isinstance(obj, dict) else k
             try:
-                todo.append(batching.make_request(self, obj, rid, defaults, default_stop, seed))
+                todo.append(batching.make_request(self, obj, rid, defaults, seed))
             except StreamerError as e:
                 yield {"id": rid, "error": str(e), **({"param": e.param} if e.param else {})}
         totals = totals if totals is not None else {}
