@@ -3,6 +3,7 @@ rows at once, and its buffer goes back to the reader for the blocks ahead."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -13,7 +14,7 @@ from .kvcache import KVCache
 from .layout import ModelFiles
 from .memory import MemoryMonitor, trim_page_cache
 from .model import Seq
-from .stream import ResidentFile, StreamedFile, WeightStream, file_pieces
+from .stream import ResidentFile, StreamedFile, WeightStream, file_pieces, map_whole, read_whole, touch_pages
 
 MAX_PASS_TOKENS = 4096  # longer prompts are prefilled in several passes, bounding activation memory
 
@@ -32,11 +33,12 @@ class Runner:
 
     ring_bytes bounds the memory the streamed weights take; `resident` names files kept in RAM;
     compile=True runs the one-row matmuls of decode passes (one new token per sequence) on the compiled
-    kernels (kernels.py)."""
+    kernels (kernels.py); mapped=True keeps resident files as their mapped pages instead of private copies
+    (stream.map_whole)."""
 
     def __init__(self, files: ModelFiles, dtype: torch.dtype, monitor: MemoryMonitor | None = None,
                  ring_bytes: int = 0, readers: int = 4, resident: Sequence[str] = (),
-                 max_pass_tokens: int = MAX_PASS_TOKENS, compile: bool = False):
+                 max_pass_tokens: int = MAX_PASS_TOKENS, compile: bool = False, mapped: bool = False):
         self.files, self.args, self.dtype = files, files.args, dtype
         self.freqs = model.rope_frequencies(self.args)
         self.monitor = monitor
@@ -50,8 +52,14 @@ class Runner:
         self.stream = (WeightStream([(files.folder / n, pieces[n]) for n in streamed], ring_bytes, readers)
                        if streamed else None)
         # each file's view, built once: resident files hold their tensors, streamed ones take from the ring
-        self.views = {n: ResidentFile(files.folder / n, pieces[n], dtype) if n in resident else StreamedFile(self.stream, pieces[n])
-                      for n in self.names}
+        loaded = {}
+        with ThreadPoolExecutor(1, thread_name_prefix="streamer-load") as reader:  # reads ahead while each file
+            for n, (buf, was_mapped) in zip(self.resident, reader.map(              # read is touched here
+                    lambda n: _load(files.folder / n, mapped), self.resident)):
+                if was_mapped:
+                    touch_pages(buf)
+                loaded[n] = ResidentFile(buf, pieces[n], dtype)
+        self.views = {n: loaded[n] if n in loaded else StreamedFile(self.stream, pieces[n]) for n in self.names}
         self.streamed_bytes = sum(files.files[n]["bytes"] for n in streamed)
         self.io.resident_bytes = self.io.bytes_read = sum(files.files[n]["bytes"] for n in self.resident)
         index, start = files.headers["embedding.safetensors"]
@@ -152,3 +160,9 @@ def _passes(chunks, limit: int):
             used += len(take)
     if part:
         yield part
+
+
+def _load(path, mapped: bool) -> tuple[torch.Tensor, bool]:
+    """A resident file's bytes: its mapped pages where asked and the kernel can populate them, else a private copy."""
+    buf = map_whole(path) if mapped else None
+    return (buf, True) if buf is not None else (read_whole(path), False)

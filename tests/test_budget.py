@@ -36,6 +36,16 @@ def test_plan_splits_the_budget(folder):
     assert plan(files, 8 << 30, keep_resident=False).resident == []  # everything streams when asked to
 
 
+def test_resident_files_are_private_only_under_a_memory_cgroup(folder, monkeypatch):
+    """A cgroup counts page cache against its limit and reclaims it under pressure, so there resident files
+    are private copies the kernel cannot drop; without one they stay the files' own mapped pages."""
+    from streamer import budget
+    monkeypatch.setattr(budget, "cgroup_limit", lambda: None)
+    assert plan(ModelFiles(folder), 8 << 30).runner_kwargs()["mapped"] is True
+    monkeypatch.setattr(budget, "cgroup_limit", lambda: 8 << 30)
+    assert plan(ModelFiles(folder), 8 << 30).runner_kwargs()["mapped"] is False
+
+
 @pytest.mark.parametrize("mib", [260, 300, 420, 1024, 8192])
 def test_breakdown_adds_up_to_the_peak_and_fits_the_budget(folder, mib):
     p = plan(ModelFiles(folder), mib << 20)
@@ -61,6 +71,7 @@ def cli(*args):
 def test_plan_command(folder):
     r = cli("plan", folder, "--memory-budget", "8G", "--disk-gbps", "2")
     assert r.returncode == 0 and "6 of 6 blocks, and the head" in r.stdout, r.stderr
+    assert ("as mapped file pages" if cgroup_limit() is None else "in private memory") in r.stdout
     peak = next(l for l in r.stdout.splitlines() if "predicted peak" in l)
     total, parts = peak.split("predicted peak")[1].split("=")
     mib = lambda s: float(s.strip().split()[-2].replace(",", ""))

@@ -6,7 +6,7 @@ from conftest import GQA, assert_logprobs_close, make_split, stream
 from streamer import ModelFiles
 from streamer.memory import rss_parts
 from streamer.runner import _passes
-from streamer.stream import WeightStream, file_pieces, min_ring_bytes
+from streamer.stream import WeightStream, file_pieces, map_whole, min_ring_bytes, read_whole
 
 PROMPT = [5, 9, 77, 120, 3, 3, 400, 12, 18, 260, 7, 91, 44]
 
@@ -29,11 +29,30 @@ def reference(folder):
     {"resident": ["block_001.safetensors", "head.safetensors"]},
     {"resident": ["block_000.safetensors", "block_001.safetensors", "block_002.safetensors", "block_003.safetensors",
                   "head.safetensors"]},  # nothing left to stream
-], ids=["tiny-ring", "tiny-ring-4-readers", "big-ring", "4-passes", "some-resident", "all-resident"])
+    {"resident": ["block_001.safetensors", "head.safetensors"], "mapped": True},  # the files' own pages
+    {"resident": ["block_000.safetensors", "block_001.safetensors", "block_002.safetensors", "block_003.safetensors",
+                  "head.safetensors"], "mapped": False},  # private copies
+], ids=["tiny-ring", "tiny-ring-4-readers", "big-ring", "4-passes", "some-resident", "all-resident",
+        "some-resident-mapped", "all-resident-private"])
 def test_same_output_whatever_the_streaming(folder, reference, kw):
     steps, _ = stream(folder, PROMPT, 12, runner_kw=kw)
     assert [s.token for s in steps] == [s.token for s in reference]
     assert_logprobs_close([s.logprob for s in steps], [s.logprob for s in reference])
+
+
+def test_resident_files_mapped_or_private(folder):
+    """map_whole gives the file's own mapped pages (no private copy), read_whole a private copy: same bytes."""
+    path = folder / "block_000.safetensors"
+    mapped, private = map_whole(path), read_whole(path)
+    assert torch.equal(mapped, private) and len(mapped) == path.stat().st_size
+
+    def mapping_of(t):
+        for line in open("/proc/self/maps"):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= t.data_ptr() < hi:
+                return line.split(None, 5)[5].strip() if len(line.split(None, 5)) == 6 else ""
+    assert mapping_of(mapped) == str(path)
+    assert mapping_of(private) != str(path)
 
 
 def test_ring_is_bounded_and_reads_in_order(folder):
