@@ -10,6 +10,8 @@ else as the file's own mapped pages, which cost one cold read and no copy.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import mmap
 import os
 import threading
@@ -298,12 +300,19 @@ def map_whole(path: Path) -> torch.Tensor | None:
             m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as e:
         raise StreamerError(f"{path}: cannot map ({e.strerror or e})") from None
-    try:
-        m.madvise(MADV_POPULATE_READ)
-    except OSError:
-        m.close()
+    buf = torch.frombuffer(m, dtype=torch.uint8)
+    # through ctypes, which lets go of the GIL (mmap.madvise holds it for the whole read): the loader touches
+    # the previous file and the kernels compile meanwhile
+    if _libc().madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(size), MADV_POPULATE_READ) != 0:
         return None
-    return torch.frombuffer(m, dtype=torch.uint8)
+    return buf
+
+
+@functools.cache
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def touch_pages(buf: torch.Tensor) -> None:
