@@ -52,15 +52,15 @@ class Runner:
         self.stream = (WeightStream([(files.folder / n, pieces[n]) for n in streamed], ring_bytes, readers)
                        if streamed else None)
         # each file's view, built once: resident files hold their tensors, streamed ones take from the ring
-        loaded, self._warm = {}, None
+        # the decode kernels compile while the files load, not in the first decode step (6-8 s there before)
+        self._warm = _background(kernels.warm_up, self.args.dim, dtype) if compile else None
+        loaded = {}
         with ThreadPoolExecutor(1, thread_name_prefix="streamer-load") as reader:  # reads ahead while each file
             for n, (buf, was_mapped) in zip(self.resident, reader.map(              # read is touched here
                     lambda n: _load(files.folder / n, mapped), self.resident)):
                 if was_mapped:
                     touch_pages(buf)
                 loaded[n] = ResidentFile(buf, pieces[n], dtype)
-                if compile and self._warm is None and n.startswith("block_"):
-                    self._warm = _background(self._warm_up, loaded[n], pieces["head.safetensors"])
         self.views = {n: loaded[n] if n in loaded else StreamedFile(self.stream, pieces[n]) for n in self.names}
         self.streamed_bytes = sum(files.files[n]["bytes"] for n in streamed)
         self.io.resident_bytes = self.io.bytes_read = sum(files.files[n]["bytes"] for n in self.resident)
@@ -123,19 +123,6 @@ class Runner:
         self.io.passes += 1
         self.io.tokens += len(ids)
         return logits
-
-    def _warm_up(self, block: ResidentFile, head: list) -> None:
-        """Compile the decode kernels while the other files load: one decode row through a real block (its
-        shapes and alignment), and a gemv per shape of the head's pieces. Inductor specialises per shape,
-        ~1 s each after a start-up of ~2 s (~20 s on a machine that never compiled): the first decode step
-        paid 6-8 s of it before, on the resident 8B."""
-        a = self.args
-        x = torch.zeros(1, a.dim, dtype=self.dtype)
-        kv = torch.zeros(2, 1, 1, a.n_kv_heads, a.head_dim, dtype=self.dtype)
-        with kernels.one_row(True):
-            model.block(x, block, model.rope_rotations(self.freqs, torch.tensor([0])), kv, [Seq(0, 0, slice(0, 1))], a)
-            for shape in dict.fromkeys(tuple(p.shape) for p in head if p.name.startswith("output.") and p.dtype == self.dtype):
-                kernels.linear_one_row(x, torch.zeros(shape, dtype=self.dtype))
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         """Read only the needed rows of the embedding table."""

@@ -301,8 +301,7 @@ def map_whole(path: Path) -> torch.Tensor | None:
     except OSError as e:
         raise StreamerError(f"{path}: cannot map ({e.strerror or e})") from None
     buf = torch.frombuffer(m, dtype=torch.uint8)
-    # through ctypes, which lets go of the GIL (mmap.madvise holds it for the whole read): the loader touches
-    # the previous file and the kernels compile meanwhile
+    # through ctypes, which lets go of the GIL (mmap.madvise holds it for the whole read)
     if _libc().madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(size), MADV_POPULATE_READ) != 0:
         return None
     return buf
@@ -318,8 +317,9 @@ def _libc():
 def touch_pages(buf: torch.Tensor) -> None:
     """Read one byte of every page. A mapped page's first access still cost ~0.25 s/GB here after the
     populate (the hypervisor's own mapping, it seems: no system time shows), and left to the first prefill
-    it made that 11 s instead of 2.2 s."""
-    int(buf[::mmap.PAGESIZE].sum())
+    it made that 11 s instead of 2.2 s. Through numpy, which lets go of the GIL while it reads (torch's
+    eager ops hold it): the kernels compile meanwhile (runner.py)."""
+    int(buf.numpy()[::mmap.PAGESIZE].sum())
 
 
 class ResidentFile(FileView):

@@ -52,3 +52,50 @@ def test_bench_caps_smoke(tmp_path):
                         "--prompt-len", "8"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "| 384M |" in r.stdout and "| 1G |" in r.stdout and "384M against 1G: ratio of medians" in r.stdout, r.stdout
+
+
+def test_make_gguf_writes_what_llama_cpp_reads(tmp_path):
+    """tools/make_gguf.py: llama.cpp's names and metadata, the checkpoint's exact tensors (q/k in Meta's order,
+    as llama.cpp's converter writes them), and a vocabulary whose byte-level BPE merges encode as tiktoken does."""
+    import gguf
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from streamer.tokenizer import PAT_STR, Tokenizer as Llama3Tokenizer
+
+    meta = tmp_path / "meta"
+    subprocess.run([sys.executable, TOOLS / "make_checkpoint.py", meta, "--preset", "tiny"], check=True, capture_output=True)
+    r = subprocess.run([sys.executable, TOOLS / "make_gguf.py", meta, tmp_path / "m.gguf"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    g = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda k: g.fields[k].contents()
+    args = ModelArgs.from_params(PRESETS["tiny"])
+    assert field("general.architecture") == "llama" and field("llama.block_count") == args.n_layers
+    assert (field("llama.attention.head_count"), field("llama.attention.head_count_kv")) == (args.n_heads, args.n_kv_heads)
+    assert field("llama.rope.freq_base") == args.rope_theta and field("tokenizer.ggml.pre") == "llama-bpe"
+    state = torch.load(meta / "consolidated.00.pth", weights_only=True)
+    names = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
+    names |= {f"blk.{i}.{v}": f"layers.{i}.{k}" for i in range(args.n_layers) for k, v in
+              {"attention_norm.weight": "attn_norm.weight", "attention.wq.weight": "attn_q.weight",
+               "attention.wk.weight": "attn_k.weight", "attention.wv.weight": "attn_v.weight",
+               "attention.wo.weight": "attn_output.weight", "ffn_norm.weight": "ffn_norm.weight",
+               "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w3.weight": "ffn_up.weight",
+               "feed_forward.w2.weight": "ffn_down.weight"}.items()}
+    assert {t.name for t in g.tensors} == set(names)
+    for t in g.tensors:
+        want = state[names[t.name]]
+        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+            got = torch.from_numpy(t.data.copy()).view(torch.bfloat16).view(want.shape)
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and want.dim() == 1
+            got = torch.from_numpy(t.data.copy()).to(want.dtype)
+        assert torch.equal(got, want), t.name
+
+    tokens, merges = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges")
+    assert len(tokens) == args.vocab_size and tokens[128000] == "<|begin_of_text|>"
+    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens[:128000])}, [tuple(m.split(" ")) for m in merges]))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PAT_STR), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    ref = Llama3Tokenizer(meta / "tokenizer.model")
+    text = ("The 12345 quick  brown\tfox — naïve café, 東京タワー; 'don't' ...:.:   \n\n  spaces\r\n"
+            "x=3.14159 <html> ünïcödé 🙂 αβγ")
+    assert bpe.encode(text).ids == ref.encode(text)

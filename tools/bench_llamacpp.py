@@ -9,8 +9,9 @@ Run: for every cap (none = all in RAM) and format (bf16 / int8 / int4 against bf
 rounds of A B: streamer (`Engine.stream`, planned for the cap as the CLI plans it), then llama.cpp
 (`llama-completion`, mmap, `--no-warmup` so that its first reads are counted), each in a fresh process under
 `streamer memcap`, the page cache dropped before each, the same prompt ids, `--tokens` greedy tokens.
-Reported per run: time to first token (load + prompt), decode s/token (the mean over the tokens after the
-first, as llama.cpp reports it), peak memory. The floors: the memory read rate (bench.py's membw) and one
+Reported per run: time to first token (from the process's start to its first generated token on stdout:
+imports, loading and the prompt), decode s/token (the mean over the tokens after the first, as llama.cpp
+reports it), peak RSS (and the cgroup's peak under a cap). The floors: the memory read rate (bench.py's membw) and one
 step's cold disk read (bench.py's floor4), measured in the same run, so that a decode step's floor is
 streamed bytes ÷ disk rate + resident bytes ÷ memory rate.
 """
@@ -33,6 +34,7 @@ CMAKE = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=
          "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF"]
 GGUF = {"bf16": "model-bf16.gguf", "int8": "model-q8_0.gguf", "int4": "model-q4_0.gguf"}
 PEER = {"bf16": "bf16", "int8": "Q8_0", "int4": "Q4_0"}
+FIRST = "first token"
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
 
@@ -71,46 +73,43 @@ def streamer_worker(model: Path, ids: list[int], tokens: int) -> dict:
     engine = Engine(model, max_seq_len=len(ids) + tokens + 1)
     stats, first = GenStats(), None
     for _ in engine.stream(prompt_ids=ids, max_new_tokens=tokens, stats=stats):
-        first = first or time.perf_counter() - t0
+        if first is None:
+            first = time.perf_counter() - t0
+            print(FIRST, flush=True)  # the parent times the first token by this line
     mem = engine.memory()
     step = sum((engine.files.folder / n).stat().st_size for n in engine.files.step_files())
-    out = {"ttft_s": first, "prefill_s": stats.prefill_s, "load_s": first - stats.prefill_s,
-           "decode_s": stats.decode_s_per_token, "tokens": stats.completion_tokens,
+    out = {"in_process_ttft_s": first, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s_per_token,
+           "decode_steps": stats.decode_s, "tokens": stats.completion_tokens,
            "resident_bytes": engine.plan.resident_bytes, "streamed_bytes": step - engine.plan.resident_bytes,
            "peak_private": mem.peak["private"]}
     engine.close()
     return out
 
 
-def llamacpp_run(bin_dir: Path, gguf: Path, ids: list[int], tokens: int, repack: bool) -> tuple[list[str], callable]:
+def llamacpp_cmd(bin_dir: Path, gguf: Path, ids: list[int], tokens: int, repack: bool) -> list[str]:
     cmd = [str(bin_dir / "llama-completion"), "-m", str(gguf), "-p", PROMPT, "-n", str(tokens), "-t", "2",
            "--temp", "0", "--ignore-eos", "-no-cnv", "--no-warmup", "-c", str(len(ids) + tokens + 8)]
-    if not repack:
-        cmd.append("--no-repack")
-
-    def parse(stderr: str) -> dict:
-        def ms(label):
-            m = re.search(rf"{label}\s*=\s*([\d.]+) ms(?: /\s*(\d+))?", stderr)
-            return (float(m.group(1)) / 1e3, int(m.group(2) or 1)) if m else (None, None)
-        load, _ = ms("load time")
-        prompt, n_prompt = ms("prompt eval time")
-        decode, n = ms(r"\beval time")
-        if load is None or decode is None:
-            raise RuntimeError((stderr.strip().splitlines() or ["no output"])[-1])
-        return {"ttft_s": load + prompt, "load_s": load, "prefill_s": prompt, "prompt_tokens": n_prompt,
-                "decode_s": decode / n, "tokens": n + 1}
-    return cmd, parse
+    return cmd if repack else cmd + ["--no-repack"]
 
 
-def run_capped(cmd: list[str], cap: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """The command under `memcap cap` (none: as it is), page cache dropped first; its wall time, the cgroup's
-    peak (page cache included) and the process tree's peak RSS, sampled."""
+def llamacpp_result(stderr: str) -> dict:
+    """Its decode time from its own report (`eval time = X ms / N runs`: the tokens after the first)."""
+    m = re.search(r":\s+eval time\s*=\s*([\d.]+) ms /\s*(\d+)", stderr)  # not "prompt eval time"
+    if m is None:
+        raise RuntimeError((stderr.strip().splitlines() or ["no output"])[-1])
+    return {"decode_s": float(m.group(1)) / 1e3 / int(m.group(2)), "tokens": int(m.group(2)) + 1}
+
+
+def run_capped(cmd: list[str], cap: str) -> tuple[subprocess.CompletedProcess, dict, list]:
+    """The command under `memcap cap` (none: as it is), page cache dropped first: its result, its wall time,
+    the cgroup's peak (page cache included), the process tree's peak RSS (sampled), and its stdout as
+    (seconds since the start, bytes so far) at each read, to time its first token by."""
     drop_caches()
     if cap != "none":
         cmd = MEMCAP + [cap, "--"] + cmd
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = [0]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    peak, arrivals, out, err = [0], [], bytearray(), []
 
     def sample():  # the process tree's RSS every 20 ms (what the kernel maps: mmap'd weights count)
         import psutil
@@ -121,34 +120,47 @@ def run_capped(cmd: list[str], cap: str) -> tuple[subprocess.CompletedProcess, d
             except psutil.Error:
                 pass
             time.sleep(0.02)
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    out, err = p.communicate()
-    sampler.join()
+
+    def read_out():
+        while chunk := p.stdout.read(4096):
+            out.extend(chunk)
+            arrivals.append((time.perf_counter() - t0, bytes(out)))
+    threads = [threading.Thread(target=f) for f in (sample, read_out, lambda: err.append(p.stderr.read()))]
+    for t in threads:
+        t.start()
+    p.wait()
+    for t in threads:
+        t.join()
     wall = time.perf_counter() - t0
-    out, err = out.decode(errors="replace"), err.decode(errors="replace")  # llama.cpp may print part of a character
-    m = re.search(r"peak_bytes=(\d+)", err)
-    return (subprocess.CompletedProcess(cmd, p.returncode, out, err),
-            {"wall_s": wall, "peak_bytes": int(m.group(1)) if m else None, "max_rss": peak[0]})
+    out_s, err_s = out.decode(errors="replace"), err[0].decode(errors="replace")  # llama.cpp may print part of a character
+    m = re.search(r"peak_bytes=(\d+)", err_s)
+    return (subprocess.CompletedProcess(cmd, p.returncode, out_s, err_s),
+            {"wall_s": wall, "peak_bytes": int(m.group(1)) if m else None, "max_rss": peak[0]}, arrivals)
 
 
 def measure(engine: str, fmt: str, cap: str, a, ids: list[int]) -> dict:
+    """One run. Time to first token is the process's, from its start to its first generated token on stdout
+    (imports and loading included): the line the worker prints, or llama.cpp's first byte past the prompt
+    it echoes."""
     tokens = a.tokens if cap == "none" else a.cap_tokens
     if engine == "streamer":
         model = {"bf16": a.model, "int8": a.int8, "int4": a.int4}[fmt]
         cmd = [sys.executable, __file__, "--worker", str(model), "--ids", ",".join(map(str, ids)), "--tokens", str(tokens)]
-        r, extra = run_capped(cmd, cap)
+        r, extra, arrivals = run_capped(cmd, cap)
         lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
         if r.returncode or not lines:
             return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1], **extra}
-        return json.loads(lines[-1]) | extra
+        first = next(t for t, seen in arrivals if FIRST.encode() in seen)
+        return json.loads(lines[-1]) | extra | {"ttft_s": first}
     repack = cap == "none"  # repacked Q4_0 never finished loading under 512M or 2G (PEERS.md); bf16/Q8_0 unaffected
-    cmd, parse = llamacpp_run(a.llama_bin, a.gguf_dir / GGUF[fmt], ids, tokens, repack)
-    r, extra = run_capped(cmd, cap)
+    r, extra, arrivals = run_capped(llamacpp_cmd(a.llama_bin, a.gguf_dir / GGUF[fmt], ids, tokens, repack), cap)
     try:
-        return parse(r.stderr) | extra | {"repack": repack}
+        res = llamacpp_result(r.stderr)
     except RuntimeError as e:
         return {"error": f"{e} (exit {r.returncode})", **extra}
+    echo = len(PROMPT.encode())
+    first = next((t for t, seen in arrivals if len(seen) > echo), None)
+    return res | extra | {"repack": repack, "ttft_s": first}
 
 
 def prompt_ids(model: Path) -> list[int]:
