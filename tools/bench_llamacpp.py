@@ -169,7 +169,7 @@ def prompt_ids(model: Path) -> list[int]:
 
 
 def report(runs: list[dict], floors: dict) -> str:
-    rows = ["| cap | format | engine | time to first token | decode s/token | decode floor | decode / floor | peak RSS |",
+    rows = ["| cap | format | engine | time to first token (floor: one cold read) | decode s/token | decode floor | decode / floor | peak RSS |",
             "|---|---|---|---|---|---|---|---|"]
     bw, disk = floors["memory_bps"], floors["disk_bps"]
     for cap in dict.fromkeys(r["cap"] for r in runs):
@@ -182,16 +182,17 @@ def report(runs: list[dict], floors: dict) -> str:
                     rows.append(f"| {cap} | {fmt} | {name} | failed: {rs[0]['error'] if rs else 'not run'} | | | | |")
                     continue
                 span = lambda k, f="{:.2f}": "–".join(dict.fromkeys(f.format(v) for v in sorted(r[k] for r in ok)))
-                floor, ratio = "", ""
+                floor, ratio, first = "", "", ""
                 s = next((r for r in runs if (r["cap"], r["format"], r["engine"]) == (cap, fmt, "streamer") and "error" not in r), None)
                 if s:  # the same bytes per token for both engines' floor: the weights of one step
                     f = s["streamed_bytes"] / disk + s["resident_bytes"] / bw
                     floor = f"{f:.2f} s ({s['resident_bytes'] / 1e9:.1f} GB in RAM, {s['streamed_bytes'] / 1e9:.1f} GB from disk)"
+                    first = f" ({(s['streamed_bytes'] + s['resident_bytes']) / disk:.1f} s)"
                     ratio = "–".join(dict.fromkeys(f"{r['decode_s'] / f:.2f}" for r in sorted(ok, key=lambda r: r["decode_s"])))
                 peak = "–".join(dict.fromkeys(f"{r['max_rss'] / 2**30:.1f}" for r in ok))
                 if cap != "none":
                     peak += " (cgroup: " + "–".join(dict.fromkeys(f"{r['peak_bytes'] / 2**30:.1f}" for r in ok)) + ")"
-                rows.append(f"| {cap} | {fmt} | {name} | {span('ttft_s', '{:.1f}')} s | {span('decode_s')} | {floor} | "
+                rows.append(f"| {cap} | {fmt} | {name} | {span('ttft_s', '{:.1f}')} s{first} | {span('decode_s')} | {floor} | "
                             f"{ratio} | {peak} GiB |")
     head = (f"memory read rate {bw / 1e9:.1f} GB/s, cold disk read {disk / 1e9:.2f} GB/s (4 readers, one step's "
             f"files); ranges over {max(len([r for r in runs if r['engine'] == 'streamer' and r['cap'] == runs[0]['cap'] and r['format'] == runs[0]['format']]), 1)} rounds")
