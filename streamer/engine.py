@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from . import batch as batching, kernels
+from . import batch as batching, kernels, speculative
 from .budget import Plan, parse_size, plan
 from .errors import StreamerError
 from .generate import GenStats, SamplingParams, TextOut, check_prompt, generate as decode
@@ -85,11 +85,14 @@ class Engine:
     COMPILE_MIN_BYTES of weights kept in RAM, a C++ compiler present).
     kv_cache: "auto" keeps the KV cache in RAM when the memory plan has room for all of it, else on disk;
     "disk" always on disk (a kv_dir, to resume from, is always on disk).
-    runner_options override the planner's runner settings (ring_bytes, resident, max_pass_tokens, readers)."""
+    runner_options override the planner's runner settings (ring_bytes, resident, max_pass_tokens, readers).
+    draft: speculative decoding (greedy): "ngram" (prompt lookup), or the folder of a smaller split model with
+    the same tokenizer, kept in RAM; up to draft_tokens proposals are checked per pass (speculative.py)."""
 
     def __init__(self, model: str | Path, memory_budget: str | int | None = None, dtype: str | torch.dtype = "auto", *,
                  max_seq_len: int | None = None, tokenizer=None, keep_resident: bool = True,
-                 compile: bool | str = "auto", kv_cache: str = "auto", runner_options: dict | None = None):
+                 compile: bool | str = "auto", kv_cache: str = "auto", runner_options: dict | None = None,
+                 draft: str | Path | None = None, draft_tokens: int = 8):
         self.files = ModelFiles(Path(model).expanduser())
         self.args = self.files.args
         self.dtype = pick_dtype(dtype)
@@ -112,6 +115,14 @@ class Engine:
         self.plan: Plan | None = None
         self._runner: Runner | None = None
         self.monitor = MemoryMonitor()
+        if not isinstance(draft_tokens, int) or isinstance(draft_tokens, bool) or draft_tokens <= 0:
+            raise StreamerError(f"must be a positive integer, got {draft_tokens!r}", param="draft_tokens")
+        self.draft_tokens = draft_tokens
+        self.draft = None if draft is None or draft == "ngram" else Engine(
+            draft, dtype=self.dtype, max_seq_len=self.max_seq_len, tokenizer=self.tokenizer, compile=compile)
+        self.ngram = draft == "ngram"
+        if self.draft is not None:
+            speculative.check_draft(self, self.draft)
 
     # --- prompts ------------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | None = None, *, prompt_ids: Sequence[int] | None = None,
@@ -203,7 +214,11 @@ class Engine:
         io0 = (runner.io.bytes_read, runner.io.passes, runner.io.tokens) if runner is before else (0, 0, 0)
         cache = self.kv_cache(1, kv_dir)
         text = TextOut(self.tokenizer, stop_text) if self.tokenizer else None
-        steps = decode(runner, cache, ids, params, stats)
+        if self.ngram or self.draft:
+            drafter = speculative.NgramDraft() if self.ngram else speculative.ModelDraft(self.draft, len(ids) + max_new_tokens)
+            steps = speculative.generate(runner, cache, ids, params, drafter, self.draft_tokens, stats)
+        else:
+            drafter, steps = None, decode(runner, cache, ids, params, stats)
         try:
             for step in steps:
                 out, hit = ("", False) if text is None or step.token in params.stop_ids else text.feed(step.token)
@@ -217,6 +232,8 @@ class Engine:
         finally:
             steps.close()
             cache.close()
+            if drafter:
+                drafter.close()
             io = runner.io
             stats.bytes_read, stats.passes, stats.tokens_run = (io.bytes_read - io0[0], io.passes - io0[1], io.tokens - io0[2])
             stats.resident_bytes = io.resident_bytes
@@ -277,6 +294,8 @@ class Engine:
     def close(self) -> None:
         self.release()
         self.monitor.stop()
+        if self.draft:
+            self.draft.close()
 
     def __enter__(self) -> "Engine":
         return self

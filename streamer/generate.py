@@ -63,6 +63,9 @@ class GenStats:
     bytes_read: int = 0  # weight bytes read from disk, resident blocks' first read included
     resident_bytes: int = 0  # of which: blocks read once and kept in RAM for the next passes
     memory: dict = field(default_factory=dict)  # the memory report so far (MemoryReport.as_dict)
+    drafted: int = 0  # with a draft: tokens it proposed
+    accepted: int = 0  # of which the target kept
+    draft_s: float = 0.0  # seconds spent drafting (decode_s holds the verification passes)
 
     @property
     def decode_s_per_token(self) -> float:
@@ -72,7 +75,8 @@ class GenStats:
         return {"prompt_tokens": self.prompt_tokens, "reused_prompt_tokens": self.reused_tokens,
                 "completion_tokens": self.completion_tokens, "prefill_s": self.prefill_s,
                 "decode_s_per_token": self.decode_s_per_token, "passes": self.passes, "tokens_run": self.tokens_run,
-                "bytes_read": self.bytes_read, "resident_bytes": self.resident_bytes, "memory": self.memory}
+                "bytes_read": self.bytes_read, "resident_bytes": self.resident_bytes, "memory": self.memory,
+                **({"drafted": self.drafted, "accepted": self.accepted, "draft_s": self.draft_s} if self.drafted else {})}
 
 
 class Sampler:
@@ -95,16 +99,21 @@ class Sampler:
         return probs
 
     def __call__(self, logits: torch.Tensor) -> Step:
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [vocab]
         if self.p.temperature == 0:
-            token = int(torch.argmax(logp))
-        else:
-            token = int(torch.multinomial(self.distribution(logits), 1, generator=self.gen))
-        top = []
-        if self.p.logprobs:
-            values, ids = logp.topk(self.p.logprobs)
-            top = [(int(i), float(v)) for i, v in zip(ids, values)]
-        return Step(token, float(logp[token]), top)
+            return step_of(logits, self.p.logprobs)
+        return step_of(logits, self.p.logprobs, int(torch.multinomial(self.distribution(logits), 1, generator=self.gen)))
+
+
+def step_of(logits: torch.Tensor, logprobs: int = 0, token: int | None = None) -> Step:
+    """The step of `token` (default: the most likely) under logits: its log-probability, and the `logprobs`
+    most likely tokens with theirs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [vocab]
+    token = int(torch.argmax(logp)) if token is None else token
+    top = []
+    if logprobs:
+        values, ids = logp.topk(logprobs)
+        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return Step(token, float(logp[token]), top)
 
 
 class TextOut:

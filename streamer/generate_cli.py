@@ -25,7 +25,10 @@ def summary(stats: GenStats) -> str:
     return (f"prefill {stats.prefill_s:.2f} s ({stats.prompt_tokens - stats.reused_tokens} tokens"
             + (f", {stats.reused_tokens} reused from the KV cache" if stats.reused_tokens else "") + "), "
             f"decode {stats.decode_s_per_token:.3f} s/token, {stats.passes} passes over the weights, "
-            f"read {stats.bytes_read / 1e9:.3f} GB{resident}")
+            f"read {stats.bytes_read / 1e9:.3f} GB{resident}" + (
+                f"; draft: {stats.accepted} of {stats.drafted} proposed tokens kept, "
+                f"{stats.completion_tokens / max(stats.passes, 1):.2f} tokens per pass, drafting {stats.draft_s:.2f} s"
+                if stats.drafted else ""))
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -50,6 +53,9 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", metavar="SIZE", help="RAM this run may use, e.g. 512M or 8G: blocks that fit stay "
                    "resident, the rest stream through a ring (default: the memory cgroup's limit, or 85%% of the "
                    "available memory)")
+    p.add_argument("--draft", metavar="MODEL|ngram", help="speculative decoding (greedy): a smaller split model with "
+                   "the same tokenizer, kept in RAM, or `ngram` (prompt lookup) proposes tokens that one pass checks")
+    p.add_argument("--draft-tokens", type=int, default=8, metavar="T", help="tokens the draft proposes per pass")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of text")
     p.add_argument("--memory-report", action="store_true", help="print peak memory per phase")
     return p
@@ -60,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
         raise StreamerError("give --prompt TEXT or --prompt-ids ID,ID,... (one of them)")
     ids = parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
     stats = GenStats()
-    with Engine(args.model, args.memory_budget, args.dtype, max_seq_len=args.max_seq_len, tokenizer=args.tokenizer) as engine:
+    with Engine(args.model, args.memory_budget, args.dtype, max_seq_len=args.max_seq_len, tokenizer=args.tokenizer,
+                draft=args.draft, draft_tokens=args.draft_tokens) as engine:
         prompt, pieces = engine.prompt_ids(args.prompt, prompt_ids=ids, chat=args.chat, system=args.system), []
         for piece in engine.stream(prompt_ids=prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, seed=args.seed, logprobs=args.logprobs, stop=args.stop,

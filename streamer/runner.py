@@ -73,9 +73,19 @@ class Runner:
         if self.monitor:
             self.monitor.set_phase(name)
 
-    def forward(self, chunks: Sequence[tuple[int, Sequence[int]]], cache: KVCache, phase: str = "forward") -> torch.Tensor:
+    def forward(self, chunks: Sequence[tuple[int, Sequence[int]]], cache: KVCache, phase: str = "forward",
+                every: bool = False) -> torch.Tensor:
         """chunks: (slot, new token ids) per sequence; each continues where its slot's cache ends.
-        Returns float32 logits [len(chunks), vocab] for the last new token of each chunk."""
+        Returns float32 logits [len(chunks), vocab] for the last new token of each chunk, or with every=True
+        for every new token, [total new tokens, vocab] in order (one pass: speculative verification)."""
+        if every:
+            n = sum(len(ids) for _, ids in chunks)
+            if n > self.max_pass_tokens:
+                raise ValueError(f"every=True needs one pass: {n} tokens > {self.max_pass_tokens}")
+            logits = self._pass([(slot, list(ids)) for slot, ids in chunks], cache, phase, list(range(len(chunks))), every)
+            cache.commit()
+            self.io.forwards += 1
+            return logits
         out = torch.empty(len(chunks), self.args.vocab_size)
         decode = all(len(ids) == 1 for _, ids in chunks)  # one new token per sequence: no prefill in this forward
         if decode and self._warm is not None:
@@ -91,7 +101,7 @@ class Runner:
         self.io.forwards += 1
         return out
 
-    def _pass(self, chunks, cache: KVCache, phase: str, want: list[int]) -> torch.Tensor:
+    def _pass(self, chunks, cache: KVCache, phase: str, want: list[int], every: bool = False) -> torch.Tensor:
         seqs, spans, ids, positions, row = [], [], [], [], 0
         for k, (slot, new) in enumerate(chunks):
             start = len(cache.tokens[slot])
@@ -111,7 +121,8 @@ class Runner:
         self._phase("head")
         head = self.views["head.safetensors"]
         if want:
-            last = torch.tensor([seqs[i].rows.stop - 1 for i in want])
+            last = (torch.tensor([r for i in want for r in range(seqs[i].rows.start, seqs[i].rows.stop)]) if every
+                    else torch.tensor([seqs[i].rows.stop - 1 for i in want]))
             logits = model.logits(x[last], head, self.args.norm_eps)
         else:
             head.drain()

@@ -57,6 +57,20 @@ def test_generate_json_from_ids(llama3_tiny):
     assert "peak rss" in r.stderr
 
 
+def test_generate_with_a_draft(llama3_tiny):
+    """--draft: the same tokens as without, and the draft's figures in --json and the summary line."""
+    args = ["generate", llama3_tiny, "--prompt-ids", "128000,1820,4320,1820,4320", "--max-new-tokens", "12", "--dtype",
+            "float32", "--json"]
+    plain = json.loads(cli(*args).stdout)
+    for draft in ("ngram", llama3_tiny):
+        r = cli(*args, "--draft", draft, "--draft-tokens", "3")
+        out = json.loads(r.stdout)
+        assert out["tokens"] == plain["tokens"]
+        assert "drafted" in out["stats"] and "proposed tokens kept" in r.stderr and "tokens per pass" in r.stderr
+    assert out["stats"]["accepted"] == out["stats"]["drafted"] > 0  # the model as its own draft: all kept
+    one_error_line(cli(*args, "--draft-tokens", "0", check=False), "--draft-tokens", "positive integer")
+
+
 def test_bytes_read_count_resident_blocks(llama3_tiny):
     """With everything in RAM, what was read is the blocks and head once, plus one embedding row per token."""
     files = {f["name"]: f["bytes"] for f in read_manifest(llama3_tiny)[0]["files"]}

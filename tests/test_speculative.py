@@ -1,0 +1,74 @@
+"""Speculative decoding (greedy): whatever the draft, the output is plain greedy decoding's, token for token,
+and the KV cache ends as plain decoding leaves it."""
+import json
+
+import pytest
+
+from conftest import GQA, assert_logprobs_close, make_split, stream
+from streamer import Engine, StreamerError
+from streamer.speculative import NgramDraft
+
+PROMPT = [5, 9, 77, 120, 3, 3, 400, 12, 18, 260, 7, 91, 44, 5, 9, 77]
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return make_split(tmp_path_factory.mktemp("target"), GQA)
+
+
+@pytest.fixture(scope="module")
+def plain(target):
+    return stream(target, PROMPT, 24, logprobs=3)
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    d = NgramDraft(max_n=3)
+    assert d.propose([1, 2, 3, 4, 5, 1, 2, 3], 3) == [4, 5, 1]
+    assert d.propose([7, 1, 2, 9, 8, 1, 2, 6, 5, 1, 2], 2) == [6, 5]  # the latest occurrence wins
+    assert d.propose([4, 2, 9, 8, 7, 2], 4) == [9, 8, 7, 2]  # down to one token of context
+    assert d.propose([1, 2, 3], 4) == []  # nothing seen before
+
+
+@pytest.mark.parametrize("draft", ["ngram", "useless", "perfect"])
+def test_greedy_output_is_plain_greedy_whatever_the_draft(target, plain, draft, tmp_path):
+    # useless: random weights of another seed; perfect: the target itself, which proposes its own continuation
+    folder = {"ngram": "ngram", "useless": make_split(tmp_path / "d", GQA, seed=7), "perfect": target}[draft]
+    pieces, stats = stream(target, PROMPT, 24, logprobs=3, draft=folder, draft_tokens=4)
+    want, _ = plain
+    assert [p.token for p in pieces] == [p.token for p in want]
+    assert_logprobs_close([p.logprob for p in pieces], [p.logprob for p in want])
+    assert [[t for t, _ in p.top] for p in pieces] == [[t for t, _ in p.top] for p in want]
+    assert stats.completion_tokens == 24 and stats.accepted <= stats.drafted
+    # every pass yields its accepted drafts plus one token of the target's own
+    assert stats.passes == 1 + (24 - 1 - stats.accepted)
+    if draft == "perfect":
+        assert stats.accepted == stats.drafted > 0 and stats.passes <= 1 + -(-23 // 5)
+
+
+def test_the_kv_cache_keeps_no_rejected_token(target, plain, tmp_path):
+    """A kept cache holds the prompt and every output token but the last, as after plain decoding, and a
+    later prompt that extends the output resumes from it to the same tokens as a fresh run."""
+    out = [p.token for p in plain[0]]
+    kv = tmp_path / "kv"
+    stream(target, PROMPT, 24, draft=make_split(tmp_path / "d", GQA, seed=7), draft_tokens=4, kv_dir=kv)
+    held = json.loads((kv / "kv.json").read_text())["tokens"]
+    assert held == [PROMPT + out[:-1]]
+    longer = PROMPT + out + [11, 12]
+    resumed, stats = stream(target, longer, 6, kv_dir=kv, draft="ngram")
+    fresh, _ = stream(target, longer, 6)
+    assert stats.reused_tokens == len(PROMPT) + len(out) - 1
+    assert [p.token for p in resumed] == [p.token for p in fresh]
+
+
+def test_refusals(target, tmp_path):
+    other = make_split(tmp_path / "v", {**GQA, "vocab_size": 640})
+    with pytest.raises(StreamerError, match="vocabulary has 640 tokens, the target's 512") as e:
+        Engine(target, dtype="float32", draft=other)
+    assert e.value.param == "draft"
+    with pytest.raises(StreamerError, match="positive integer") as e:
+        Engine(target, draft="ngram", draft_tokens=0)
+    assert e.value.param == "draft_tokens"
+    with Engine(target, dtype="float32", draft="ngram") as engine:
+        with pytest.raises(StreamerError, match="greedy only") as e:
+            engine.generate(prompt_ids=PROMPT, max_new_tokens=4, temperature=0.8)
+        assert e.value.param == "temperature"
