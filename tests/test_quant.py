@@ -12,14 +12,18 @@ from streamer.split import split
 
 
 @pytest.mark.parametrize("scheme,bound", [("int8", 0.01), ("int4", 0.12)])
-def test_kernels_on_quantized_codes(scheme, bound):
+@pytest.mark.parametrize("rows", [3, 40])  # int8: torch's kernel below INT8_DEQUANT_ROWS, converted codes from there
+def test_kernels_on_quantized_codes(scheme, bound, rows):
     torch.manual_seed(0)
-    w, x = torch.randn(256, 512) * 0.05, torch.randn(3, 512)
+    w, x = torch.randn(256, 512) * 0.05, torch.randn(rows, 512)
     qw = quantize(w, scheme)
     assert isinstance(qw, Int8Weight if scheme == "int8" else Int4Weight)
     for dt in (torch.float32, torch.bfloat16):
         y = qlinear(x.to(dt), qw).float()
         assert (y - x @ w.T).norm() / (x @ w.T).norm() < bound
+        if scheme == "int8":  # both paths compute the same product of the codes
+            exact = x.to(dt).float() @ (qw.q.float() * qw.scale[:, None]).T
+            assert (y - exact).norm() / exact.norm() < (1e-6 if dt == torch.float32 else 1e-2)
 
 
 def teacher_forced_logits(folder, seq):
