@@ -66,7 +66,9 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
     F.linear's GEMM costs 1.4-6.4 ms from 1 to 64 rows: the two cross between 8 and 16 rows. So prefill (and
     big batches) take the GEMM, with the row scales applied to its output."""
     if isinstance(w, Int8Weight):
-        if x.shape[0] >= INT8_DEQUANT_ROWS:
+        # torch 2.13's int8 kernel crashes (SIGSEGV) on 2 or more rows when the input width is not a multiple of
+        # 16 (stories260K's FFN, 172): those take the GEMM too
+        if x.shape[0] >= INT8_DEQUANT_ROWS or (x.shape[0] > 1 and w.q.shape[1] % 16):
             return torch.nn.functional.linear(x, w.q.to(x.dtype)) * w.scale.to(x.dtype)
         return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
     return torch._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.sz.to(x.dtype))
