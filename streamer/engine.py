@@ -86,8 +86,9 @@ class Engine:
     kv_cache: "auto" keeps the KV cache in RAM when the memory plan has room for all of it, else on disk;
     "disk" always on disk (a kv_dir, to resume from, is always on disk).
     runner_options override the planner's runner settings (ring_bytes, resident, max_pass_tokens, readers).
-    draft: speculative decoding (greedy): "ngram" (prompt lookup), or the folder of a smaller split model with
-    the same tokenizer, kept in RAM; up to draft_tokens proposals are checked per pass (speculative.py)."""
+    draft: speculative decoding (greedy): "ngram" (prompt lookup), the folder of a smaller split model with
+    the same tokenizer, kept in RAM, or any object with propose(tokens, k) -> up to k next ids; up to
+    draft_tokens proposals are checked per pass (speculative.py)."""
 
     def __init__(self, model: str | Path, memory_budget: str | int | None = None, dtype: str | torch.dtype = "auto", *,
                  max_seq_len: int | None = None, tokenizer=None, keep_resident: bool = True,
@@ -118,9 +119,9 @@ class Engine:
         if not isinstance(draft_tokens, int) or isinstance(draft_tokens, bool) or draft_tokens <= 0:
             raise StreamerError(f"must be a positive integer, got {draft_tokens!r}", param="draft_tokens")
         self.draft_tokens = draft_tokens
-        self.draft = None if draft is None or draft == "ngram" else Engine(
+        self.drafter = draft if hasattr(draft, "propose") else speculative.NgramDraft() if draft == "ngram" else None
+        self.draft = None if draft is None or self.drafter else Engine(
             draft, dtype=self.dtype, max_seq_len=self.max_seq_len, tokenizer=self.tokenizer, compile=compile)
-        self.ngram = draft == "ngram"
         if self.draft is not None:
             speculative.check_draft(self, self.draft)
 
@@ -214,11 +215,11 @@ class Engine:
         io0 = (runner.io.bytes_read, runner.io.passes, runner.io.tokens) if runner is before else (0, 0, 0)
         cache = self.kv_cache(1, kv_dir)
         text = TextOut(self.tokenizer, stop_text) if self.tokenizer else None
-        if self.ngram or self.draft:
-            drafter = speculative.NgramDraft() if self.ngram else speculative.ModelDraft(self.draft, len(ids) + max_new_tokens)
+        drafter = speculative.ModelDraft(self.draft, len(ids) + max_new_tokens) if self.draft else self.drafter
+        if drafter:
             steps = speculative.generate(runner, cache, ids, params, drafter, self.draft_tokens, stats)
         else:
-            drafter, steps = None, decode(runner, cache, ids, params, stats)
+            steps = decode(runner, cache, ids, params, stats)
         try:
             for step in steps:
                 out, hit = ("", False) if text is None or step.token in params.stop_ids else text.feed(step.token)
@@ -232,8 +233,8 @@ class Engine:
         finally:
             steps.close()
             cache.close()
-            if drafter:
-                drafter.close()
+            if self.draft and drafter:
+                drafter.close()  # the model draft's KV cache; a given drafter is the caller's
             io = runner.io
             stats.bytes_read, stats.passes, stats.tokens_run = (io.bytes_read - io0[0], io.passes - io0[1], io.tokens - io0[2])
             stats.resident_bytes = io.resident_bytes
