@@ -86,7 +86,7 @@ class Engine:
     kv_cache: "auto" keeps the KV cache in RAM when the memory plan has room for all of it, else on disk;
     "disk" always on disk (a kv_dir, to resume from, is always on disk).
     runner_options override the planner's runner settings (ring_bytes, resident, max_pass_tokens, readers).
-    draft: speculative decoding (greedy): "ngram" (prompt lookup), the folder of a smaller split model with
+    draft: speculative decoding: "ngram" (prompt lookup), the folder of a smaller split model with
     the same tokenizer, kept in RAM, or any object with propose(tokens, k) -> up to k next ids; up to
     draft_tokens proposals are checked per pass (speculative.py)."""
 

@@ -53,7 +53,7 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", metavar="SIZE", help="RAM this run may use, e.g. 512M or 8G: blocks that fit stay "
                    "resident, the rest stream through a ring (default: the memory cgroup's limit, or 85%% of the "
                    "available memory)")
-    p.add_argument("--draft", metavar="MODEL|ngram", help="speculative decoding (greedy): a smaller split model with "
+    p.add_argument("--draft", metavar="MODEL|ngram", help="speculative decoding: a smaller split model with "
                    "the same tokenizer, kept in RAM, or `ngram` (prompt lookup) proposes tokens that one pass checks")
     p.add_argument("--draft-tokens", type=int, default=8, metavar="T", help="tokens the draft proposes per pass")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of text")
