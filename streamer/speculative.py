@@ -134,7 +134,8 @@ def generate(runner: Runner, cache: KVCache, prompt: Sequence[int], params: Samp
             props = draft.propose(tokens, min(k, params.max_new_tokens - n - 1))
             t1 = now()
             held = len(cache.tokens[slot])
-            logits = runner.forward([(slot, [tokens[-1]] + props)], cache, phase="decode", every=True)
+            # nothing proposed: a plain decode step (on the one-row kernels, as without a draft)
+            logits = runner.forward([(slot, [tokens[-1]] + props)], cache, phase="decode", every=bool(props))
             if params.temperature == 0:
                 m = next((i for i, t in enumerate(props) if int(logits[i].argmax()) != t), len(props))
                 own = int(logits[m].argmax())
