@@ -90,6 +90,7 @@ class Plan:
     file_bytes: dict[str, int] = field(default_factory=dict)
     kv_ram: int = 0  # the whole KV cache, when it fits beside the weights: kept in RAM (else on disk)
     mapped: bool = False  # resident files as their mapped file pages (no memory cgroup), else private copies
+    draft: int = 0  # a speculative draft model kept in RAM beside it: weights, activations, KV (draft_bytes)
 
     def runner_kwargs(self) -> dict:
         return {"ring_bytes": self.ring_bytes, "resident": self.resident, "max_pass_tokens": self.max_pass_tokens,
@@ -103,7 +104,7 @@ class Plan:
         """The parts of the predicted peak; they add up to it."""
         return {"runtime": BASELINE, "code page cache": self.code_cache, "weight ring": self.ring_bytes,
                 "resident weights": self.resident_bytes, "activations": self.activations, "KV of one block": self.kv_block,
-                "KV cache in RAM": self.kv_ram}
+                "KV cache in RAM": self.kv_ram, "draft model": self.draft}
 
     @property
     def predicted_peak(self) -> int:
@@ -123,25 +124,35 @@ def activation_bytes(files: ModelFiles, tokens: int, batch: int, context: int) -
     return tokens * per_token + attention + batch * a.vocab_size * 8
 
 
+def draft_bytes(files: ModelFiles, context: int) -> int:
+    """What a draft model kept wholly in RAM adds to a run's memory: its weights, activations and KV cache
+    (the runtime and its code are the target's)."""
+    p = plan(files, 1 << 62, 1, context)
+    return p.predicted_peak - BASELINE - p.code_cache
+
+
 def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: int = 2048,
-         keep_resident: bool = True) -> Plan:
+         keep_resident: bool = True, draft: ModelFiles | None = None) -> Plan:
     """Split `budget` (default: the available memory) into activations, the ring and resident files, and keep
     the whole KV cache in RAM when it fits in what they leave; refuse, naming what does not fit, when it cannot
-    work. keep_resident=False streams every file."""
+    work. keep_resident=False streams every file. A draft model (speculative decoding) is kept whole in RAM and
+    takes its share first."""
     budget = available_memory() if budget is None else budget
+    held = draft_bytes(draft, context) if draft is not None else 0
     names = files.step_files()
     sizes = {n: files.files[n]["bytes"] for n in names}
     ring_min = min_ring_bytes([p for n in names for p in file_pieces(files.folder / n, files.headers[n])])
     a = files.args
     kv_block = 2 * batch * context * a.n_kv_heads * a.head_dim * 2
-    room = budget - BASELINE - kv_block
+    room = budget - BASELINE - kv_block - held
     tokens = min(MAX_PASS_TOKENS, batch * context)  # a pass never holds more than every sequence's whole context
     while tokens > batch and activation_bytes(files, tokens, batch, context) > max(room - ring_min, 0) / 2:
         tokens //= 2
     tokens = max(tokens, batch)
     act = activation_bytes(files, tokens, batch, context)
     if room - act < ring_min:
-        need = {"runtime": BASELINE, "weight ring": ring_min, "activations": act, "KV of one block": kv_block}
+        need = {"runtime": BASELINE, "weight ring": ring_min, "activations": act, "KV of one block": kv_block,
+                **({f"draft model ({draft.folder.name}, whole)": held} if held else {})}
         raise StreamerError(f"a memory budget of {mib(budget)} cannot work for batch {batch}, context {context}: it needs "
                             f"at least {mib(sum(need.values()))} = " + " + ".join(f"{k} {mib(v)}" for k, v in need.items())
                             + " (the smallest ring)")
@@ -167,7 +178,7 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
     # Resident files: under a memory cgroup, private copies, which the kernel cannot drop, so the budget holds
     # honestly; with none, the files' own mapped pages: loading costs one cold read instead of two to six
     mapped = cgroup_limit() is None
-    return Plan(budget, batch, context, ring, resident, tokens, act, kv_block, code, streamed, sizes, kv_ram, mapped)
+    return Plan(budget, batch, context, ring, resident, tokens, act, kv_block, code, streamed, sizes, kv_ram, mapped, held)
 
 
 def measure_disk(files: ModelFiles, nbytes: int = 1 << 30) -> float:
@@ -191,6 +202,8 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "(default: the memory cgroup's limit, or 85%% of the available memory)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences that share each pass over the weights")
     p.add_argument("--context", type=int, default=2048, help="tokens per sequence (prompt + new)")
+    p.add_argument("--draft", type=Path, metavar="MODEL", help="a speculative draft model, kept whole in RAM: its share "
+                   "comes out of the budget first")
     p.add_argument("--disk-gbps", type=float, help="disk read bandwidth in GB/s for the floor (default: a quick read test)")
     return p
 
@@ -200,7 +213,9 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise StreamerError(f"must be a positive integer, got {getattr(args, name)}", param=name)
     files = ModelFiles(args.model)
-    p = plan(files, parse_size(args.memory_budget, "memory_budget") if args.memory_budget else None, args.batch_size, args.context)
+    draft = ModelFiles(args.draft) if args.draft else None
+    p = plan(files, parse_size(args.memory_budget, "memory_budget") if args.memory_budget else None, args.batch_size,
+             args.context, draft=draft)
     gbps = args.disk_gbps or measure_disk(files)
     blocks = [n for n in p.resident if n.startswith("block_")]
     print(f"memory budget {mib(p.budget)} for batch {args.batch_size}, context {args.context}:")
@@ -211,6 +226,8 @@ def main(args: argparse.Namespace) -> int:
           + ("" if not p.resident else ", as mapped file pages (no memory cgroup)" if p.mapped
              else ", in private memory (a memory cgroup's limit applies)"))
     print(f"  read per step    {p.bytes_per_step / 1e9:.2f} GB; prefill passes of up to {p.max_pass_tokens} tokens")
+    if draft:
+        print(f"  draft model      {draft.folder.name}, whole in RAM: {mib(p.draft)} (weights, activations, KV)")
     print(f"  KV cache         " + (f"in RAM ({mib(p.kv_ram)})" if p.kv_ram else
                                     f"on disk ({mib(files.args.n_layers * p.kv_block)}), one block's in RAM at a time"))
     print(f"  disk-bound floor {p.bytes_per_step / 1e9 / gbps:.2f} s per decode step at {gbps:.2f} GB/s"

@@ -181,7 +181,8 @@ class Engine:
         if self._runner and self.plan.batch >= batch and self.plan.context >= context:
             return self._runner
         self.release()
-        self.plan = plan(self.files, self.budget, batch, context, self.keep_resident)
+        self.plan = plan(self.files, self.budget, batch, context, self.keep_resident,
+                         draft=self.draft.files if self.draft else None)
         compile = self.compile
         if compile == "auto":  # the kernel's compile time pays back only over many resident bf16 bytes
             compile = (self.dtype == torch.bfloat16 and self.plan.resident_bytes >= COMPILE_MIN_BYTES
@@ -215,7 +216,7 @@ class Engine:
         io0 = (runner.io.bytes_read, runner.io.passes, runner.io.tokens) if runner is before else (0, 0, 0)
         cache = self.kv_cache(1, kv_dir)
         text = TextOut(self.tokenizer, stop_text) if self.tokenizer else None
-        drafter = speculative.ModelDraft(self.draft, len(ids) + max_new_tokens) if self.draft else self.drafter
+        drafter = speculative.ModelDraft(self.draft, self.plan.context) if self.draft else self.drafter
         if drafter:
             steps = speculative.generate(runner, cache, ids, params, drafter, self.draft_tokens, stats)
         else:

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import torch
 
 
+from .budget import plan
 from .errors import StreamerError
 from .files import now
 from .generate import GenStats, Sampler, SamplingParams, Step, check_prompt, resume_point, step_of
@@ -45,6 +46,8 @@ class ModelDraft:
 
     def __init__(self, engine, context: int):
         self.engine = engine
+        # exactly its whole self in RAM: the target's plan set this share aside first (budget.draft_bytes)
+        engine.budget = plan(engine.files, 1 << 62, 1, context).predicted_peak
         self.runner = engine.runner(1, context)
         self.cache = engine.kv_cache(1)
         self.cache.reserve(0, context)

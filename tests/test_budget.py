@@ -7,7 +7,7 @@ import pytest
 
 from conftest import GQA, make_split
 from streamer import ModelFiles, StreamerError
-from streamer.budget import BASELINE, cgroup_limit, parse_size, plan
+from streamer.budget import BASELINE, cgroup_limit, draft_bytes, parse_size, plan
 
 
 def test_parse_size():
@@ -44,6 +44,24 @@ def test_resident_files_are_private_only_under_a_memory_cgroup(folder, monkeypat
     assert plan(ModelFiles(folder), 8 << 30).runner_kwargs()["mapped"] is True
     monkeypatch.setattr(budget, "cgroup_limit", lambda: 8 << 30)
     assert plan(ModelFiles(folder), 8 << 30).runner_kwargs()["mapped"] is False
+
+
+def test_a_draft_model_takes_its_share_first(folder, tmp_path):
+    """A speculative draft is kept whole in RAM: the plan sets its weights, activations and KV aside, shows
+    them, and refuses, naming it, a budget that cannot hold it beside the smallest run of the target."""
+    files, draft = ModelFiles(folder), ModelFiles(make_split(tmp_path / "d", {**GQA, "vocab_size": 4096}))
+    share = draft_bytes(draft, 2048)
+    assert share >= sum(draft.files[n]["bytes"] for n in draft.step_files())
+    budget = BASELINE + share + (80 << 20)
+    alone, beside = plan(files, budget), plan(files, budget, draft=draft)
+    assert beside.draft == share and beside.breakdown()["draft model"] == share
+    assert sum(beside.breakdown().values()) == beside.predicted_peak <= budget
+    assert (beside.bytes_per_step > alone.bytes_per_step or beside.ring_bytes < alone.ring_bytes
+            or beside.max_pass_tokens < alone.max_pass_tokens)  # the target runs in what the draft leaves
+    with pytest.raises(StreamerError, match=rf"draft model \({draft.folder.name}, whole\)"):
+        plan(files, BASELINE + share, draft=draft)
+    r = cli("plan", folder, "--memory-budget", "1G", "--draft", draft.folder, "--disk-gbps", "2")
+    assert r.returncode == 0 and f"draft model      {draft.folder.name}, whole in RAM" in r.stdout, r.stderr
 
 
 @pytest.mark.parametrize("mib", [260, 300, 420, 1024, 8192])
