@@ -99,3 +99,17 @@ def test_make_gguf_writes_what_llama_cpp_reads(tmp_path):
     text = ("The 12345 quick  brown\tfox — naïve café, 東京タワー; 'don't' ...:.:   \n\n  spaces\r\n"
             "x=3.14159 <html> ünïcödé 🙂 αβγ")
     assert bpe.encode(text).ids == ref.encode(text)
+
+
+def test_bench_spec_smoke(tmp_path):
+    meta = tmp_path / "meta"
+    subprocess.run([sys.executable, TOOLS / "make_checkpoint.py", meta, "--preset", "tiny"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "streamer", "split", meta, tmp_path / "layers", "--quiet"], check=True,
+                   capture_output=True)
+    r = subprocess.run([sys.executable, TOOLS / "bench_spec.py", tmp_path / "layers", "--drafts", "ngram,oracle",
+                        "--draft-tokens", "3", "--tokens", "6", "--dtype", "float32"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {l.split("|")[1].strip(): l for l in r.stdout.splitlines() if l.startswith("| ")}
+    assert "none (plain)" in rows and rows["oracle"].rstrip().endswith("| yes |") and "| ngram | 3 |" in rows["ngram"]
+    assert "| 3 / 3 |" in rows["oracle"]  # all kept: 3 drafted after the first token, then one plain step

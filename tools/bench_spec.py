@@ -5,8 +5,8 @@ plain greedy decoding first, then the target with each draft at each `--draft-to
 perfect draft: it proposes the plain run's own continuation, so a pass yields T + 1 tokens and its cost at T
 tokens shows. Reported: s/token over the generated tokens after the first (the verification passes and the
 drafting), tokens per pass, the draft's proposals kept, its seconds per proposed token, and whether the
-tokens equal the plain run's (they must). `--target-budget` gives the target its memory budget, so that a
-model draft's resident weights fit beside it under the cap.
+tokens equal the plain run's (they must, in float32). `--memory-budget` is the whole run's (default: the cap):
+a model draft's share comes out of it first, and the target plans in the rest.
 """
 import argparse
 import json
@@ -39,7 +39,7 @@ def worker(a) -> dict:
     ids = [int(t) for t in a.ids.split(",")]
     draft = None if a.draft == "plain" else Oracle(ids, json.loads(a.oracle)) if a.draft == "oracle" else a.draft
     t0 = time.perf_counter()
-    with Engine(a.target, a.target_budget, a.dtype, max_seq_len=len(ids) + a.tokens + 1, draft=draft,
+    with Engine(a.target, a.memory_budget, a.dtype, max_seq_len=len(ids) + a.tokens + 1, draft=draft,
                 draft_tokens=a.t) as engine:
         stats = GenStats()
         out = engine.generate(prompt_ids=ids, max_new_tokens=a.tokens, stats=stats)
@@ -52,7 +52,7 @@ def worker(a) -> dict:
 
 def run(a, draft: str, t: int, oracle: list[int] | None = None) -> dict:
     cmd = [sys.executable, __file__, str(a.target), "--worker", "--draft", draft, "--t", str(t), "--ids", a.ids,
-           "--tokens", str(a.tokens), "--dtype", a.dtype] + (["--target-budget", a.target_budget] if a.target_budget else [])
+           "--tokens", str(a.tokens), "--dtype", a.dtype] + (["--memory-budget", a.memory_budget] if a.memory_budget else [])
     if oracle is not None:
         cmd += ["--oracle", json.dumps(oracle)]
     if a.cap != "none":
@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--cap", default="none")
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (in bfloat16, near-ties between the "
                    "one-row decode kernels and the verification GEMM may flip a token)")
-    p.add_argument("--target-budget", help="the target's --memory-budget (leave room for a model draft)")
+    p.add_argument("--memory-budget", help="the run's memory budget, target and draft together (default: the cap)")
     p.add_argument("--out", type=Path)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--draft", help=argparse.SUPPRESS)
@@ -108,7 +108,7 @@ def main() -> None:
                         f"{len(r['tokens']) / r['passes']:.2f} | {r['accepted']} / {r['drafted']} | {per} | "
                         f"{'yes' if r['tokens'] == plain['tokens'] else 'NO'} |")
             print(rows[-1], file=sys.stderr, flush=True)
-    head = (f"target {a.target.name} ({a.dtype}), memcap {a.cap}" + (f", target budget {a.target_budget}" if a.target_budget else "")
+    head = (f"target {a.target.name} ({a.dtype}), memcap {a.cap}" + (f", memory budget {a.memory_budget}" if a.memory_budget else "")
             + f", {a.tokens} tokens; tokens per pass counts the prefill's pass")
     table = head + "\n\n" + "\n".join(rows)
     print(table)
