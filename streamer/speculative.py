@@ -4,14 +4,13 @@ weights and keeps the longest prefix it agrees with (greedy), or that speculativ
 has the target's own distribution; what changes is how many tokens each pass yields.
 
 Drafts: `NgramDraft` (prompt lookup: what followed the latest earlier occurrence of the last tokens; no
-memory) and `ModelDraft` (a small model with the target's vocabulary, kept in RAM, proposing its own
-greedy continuation)."""
+memory), `ModelDraft` (a small model with the target's vocabulary, kept in RAM, proposing its own greedy
+continuation), or any object with propose(tokens, k) -> up to k ids."""
 from __future__ import annotations
 
 from typing import Iterator, Sequence
 
 import torch
-
 
 from .budget import plan
 from .errors import StreamerError
@@ -53,6 +52,8 @@ class ModelDraft:
         self.cache.reserve(0, context)
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
         held = self.cache.tokens[0]
         same = next((i for i, (a, b) in enumerate(zip(held, tokens)) if a != b), min(len(held), len(tokens)))
         self.cache.tokens[0] = held[:min(same, len(tokens) - 1)]  # the last token always runs: its logits are needed
