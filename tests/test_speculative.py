@@ -72,6 +72,21 @@ def test_refusals(target, tmp_path):
     assert e.value.param == "draft_tokens"
 
 
+def test_a_draft_with_another_tokenizer_is_refused(llama3_tiny, tmp_path):
+    """Same vocabulary size, another tokenizer.model (two ranks swapped): the manifests' sha256 differ."""
+    from streamer.split import split
+    from streamer.synthetic import PRESETS, write_checkpoint
+    meta = write_checkpoint(tmp_path / "meta", PRESETS["tiny"], seed=4)
+    lines = (meta / "tokenizer.model").read_bytes().splitlines(keepends=True)
+    lines[100], lines[101] = lines[101], lines[100]
+    (meta / "tokenizer.model").write_bytes(b"".join(lines))
+    split(meta, tmp_path / "layers")
+    with pytest.raises(StreamerError, match=r"its tokenizer \(tokenizer.model, sha256 .*\) is not the target's") as e:
+        Engine(llama3_tiny, draft=tmp_path / "layers")
+    assert e.value.param == "draft"
+    Engine(llama3_tiny, draft=llama3_tiny).close()  # the same tokenizer is accepted
+
+
 def test_sampling_keeps_the_targets_distribution(tmp_path):
     """The acceptance rule on a real (tiny, 8-token vocabulary) model's distributions: the empirical joint
     distribution of the two tokens after t1, drafted as the chain [a, b], over 20000 draws, against the
