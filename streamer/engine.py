@@ -217,10 +217,7 @@ class Engine:
         cache = self.kv_cache(1, kv_dir)
         text = TextOut(self.tokenizer, stop_text) if self.tokenizer else None
         drafter = speculative.ModelDraft(self.draft, self.plan.context) if self.draft else self.drafter
-        if drafter:
-            steps = speculative.generate(runner, cache, ids, params, drafter, self.draft_tokens, stats)
-        else:
-            steps = decode(runner, cache, ids, params, stats)
+        steps = decode(runner, cache, ids, params, stats, draft=drafter, k=self.draft_tokens)
         try:
             for step in steps:
                 out, hit = ("", False) if text is None or step.token in params.stop_ids else text.feed(step.token)

@@ -163,30 +163,85 @@ def resume_point(cache: KVCache, slot: int, prompt: Sequence[int]) -> int:
     return keep
 
 
+def accept(ps: Sequence[torch.Tensor], proposed: Sequence[int], gen: torch.Generator) -> tuple[int, int]:
+    """Speculative sampling's rule for a chain of deterministic proposals (a point mass q at each: n-gram
+    lookup and a draft model's greedy picks). ps[i] is the target's sampling distribution at proposal i,
+    with one more row for the token after the last. Proposal x is kept with probability p(x); at the first
+    one refused, the next token comes from p with x taken out (max(p - q, 0), renormalised), and after the
+    last one kept, from the extra row. Each emitted token is then distributed exactly as the target alone
+    would sample it (Leviathan et al. 2023, Chen et al. 2023). Returns (proposals kept, the token after them);
+    with nothing proposed, that token is plain sampling's draw from ps[0]."""
+    for i, x in enumerate(proposed):
+        p = ps[i]
+        if float(torch.rand((), generator=gen)) < float(p[x]):
+            continue
+        rest = p.clone()
+        rest[x] = 0
+        return i, int(torch.multinomial(rest, 1, generator=gen))  # p(x) < 1 here, so some mass is left
+    return len(proposed), int(torch.multinomial(ps[len(proposed)], 1, generator=gen))
+
+
 def generate(runner: Runner, cache: KVCache, prompt: Sequence[int], params: SamplingParams,
-             stats: GenStats | None = None, slot: int = 0) -> Iterator[Step]:
-    """Yield generated tokens one by one. The cache keeps every token fed so far, so a kept cache resumes."""
+             stats: GenStats | None = None, slot: int = 0, draft=None, k: int = 0) -> Iterator[Step]:
+    """Yield generated tokens one by one. The cache keeps every token fed so far, so a kept cache resumes.
+
+    With a draft (speculative.py), each pass also checks up to k tokens it proposes after the last one:
+    greedy keeps the longest prefix the target agrees with (so the output is plain greedy decoding's),
+    sampling applies `accept` (so it keeps the target's distribution), and the target's own token follows.
+    Rejected tokens leave the cache, which ends as plain decoding leaves it."""
     params.check()
     prompt = list(prompt)
     check_prompt(prompt, runner.args.vocab_size)
     stats = stats if stats is not None else GenStats()
     keep = resume_point(cache, slot, prompt)
-    cache.reserve(slot, len(prompt) + params.max_new_tokens - 1)
+    cache.reserve(slot, len(prompt) + params.max_new_tokens - 1)  # proposals never go past the last token
     stats.prompt_tokens, stats.reused_tokens = len(prompt), keep
     sampler = Sampler(params)
+
+    def verified(logits: torch.Tensor, props: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """(logits, token) of the kept proposals, then of the target's own next token."""
+        if params.temperature == 0:
+            m = next((i for i, t in enumerate(props) if int(logits[i].argmax()) != t), len(props))
+            own = int(logits[m].argmax())
+        else:
+            m, own = accept([sampler.distribution(row) for row in logits[:len(props) + 1]], props, sampler.gen)
+        return [(logits[i], props[i]) for i in range(m)] + [(logits[m], own)]
+
     t0 = now()
-    logits = runner.forward([(slot, prompt[keep:])], cache, phase="prefill")
+    rows = verified(runner.forward([(slot, prompt[keep:])], cache, phase="prefill"), [])
     stats.prefill_s = now() - t0
-    for n in range(params.max_new_tokens):
-        step = sampler(logits[0])
-        stats.completion_tokens = n + 1
-        if step.token in params.stop_ids:
-            step.finish_reason = "stop"
-        elif n + 1 == params.max_new_tokens:
-            step.finish_reason = "length"
-        yield step
-        if step.finish_reason:
-            return
-        t0 = now()
-        logits = runner.forward([(slot, [step.token])], cache, phase="decode")
-        stats.decode_s.append(now() - t0)
+    tokens = list(prompt)
+    try:
+        while True:
+            for logits, token in rows:
+                step = step_of(logits, params.logprobs, token)
+                tokens.append(token)
+                n = stats.completion_tokens = len(tokens) - len(prompt)
+                if token in params.stop_ids:
+                    step.finish_reason = "stop"
+                elif n == params.max_new_tokens:
+                    step.finish_reason = "length"
+                yield step
+                if step.finish_reason:
+                    return
+            t0 = now()
+            props = draft.propose(tokens, min(k, params.max_new_tokens - n - 1)) if draft else []
+            t1 = now()
+            # nothing proposed: a plain decode step, on the one-row kernels
+            logits = runner.forward([(slot, [tokens[-1]] + props)], cache, phase="decode", every=bool(props))
+            rows = verified(logits, props)
+            stats.decode_s.append(now() - t1)
+            if props:
+                stats.draft_s += t1 - t0
+                stats.drafted += len(props)
+                stats.accepted += len(rows) - 1
+                _forget(cache, slot, len(tokens) + len(rows) - 1)  # the rejected proposals leave nothing behind
+    finally:
+        _forget(cache, slot, len(tokens) - 1)
+
+
+def _forget(cache: KVCache, slot: int, keep: int) -> None:
+    """Keep only the slot's first `keep` tokens in the cache (and on disk)."""
+    if len(cache.tokens[slot]) > keep:
+        cache.tokens[slot] = cache.tokens[slot][:keep]
+        cache.commit()

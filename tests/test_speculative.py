@@ -7,8 +7,8 @@ import torch
 
 from conftest import GQA, assert_logprobs_close, make_split, stream
 from streamer import Engine, StreamerError
-from streamer.generate import Sampler, SamplingParams
-from streamer.speculative import NgramDraft, accept
+from streamer.generate import Sampler, SamplingParams, accept
+from streamer.speculative import NgramDraft
 
 PROMPT = [5, 9, 77, 120, 3, 3, 400, 12, 18, 260, 7, 91, 44, 5, 9, 77]
 
