@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from .errors import StreamerError
 from .files import now, write_atomic
-from .generate import Sampler, SamplingParams, TextOut
+from .generate import NOTHING, Sampler, SamplingParams, TextOut, chunk, step_of, verified
+from .speculative import add_draft_options, as_tree
 
 log = logging.getLogger(__name__)
 LINE_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
@@ -63,11 +66,15 @@ def make_request(engine, obj, rid, defaults: dict, seed: int) -> Request:
     return Request(rid, ids, params, stop_text)
 
 
-def run_batch(runner, cache, requests: list[Request], tok, totals: dict) -> Iterator[dict]:
-    """Continuous batching over cache.slots slots; yields each result record as its sequence finishes."""
+def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=None, k: int = 0,
+              size=None) -> Iterator[dict]:
+    """Continuous batching over cache.slots slots; yields each result record as its sequence finishes.
+    With a draft, every pass in which all sequences decode also checks up to k draft tokens per sequence
+    (or what `size` picks for the pass, shared among them), as generate.generate does for one."""
     waiting = list(reversed(requests))
     free = list(range(cache.slots - 1, -1, -1))
     active: dict[int, Active] = {}
+    totals.update(drafted=0, accepted=0, draft_s=0.0)
     while waiting or active:
         while free and waiting:
             slot, req = free.pop(), waiting.pop()
@@ -76,23 +83,57 @@ def run_batch(runner, cache, requests: list[Request], tok, totals: dict) -> Iter
             text = TextOut(tok, req.stop_text) if tok else None
             active[slot] = Active(req, Sampler(req.params), text, pending=list(req.prompt))
         slots = sorted(active)
-        phase = "prefill" if any(len(active[s].pending) > 1 for s in slots) else "decode"
-        logits = runner.forward([(s, active[s].pending) for s in slots], cache, phase=phase)
+        prefill = any(len(active[s].pending) > 1 for s in slots)
+        t0 = now()
+        trees = {s: NOTHING for s in slots} if prefill or not draft else _propose(draft, active, slots, k, size, runner)
+        totals["draft_s"] += now() - t0
+        t1 = now()
+        starts = {s: len(cache.tokens[s]) for s in slots}
+        if any(t.tokens for t in trees.values()):  # every pass in one: a row of logits per checked token
+            chunks = [chunk(s, active[s].pending[0], trees[s], starts[s]) for s in slots]
+            logits = runner.forward(chunks, cache, phase="decode", every=True)
+            bounds = torch.tensor([0] + [len(c[1]) for c in chunks]).cumsum(0).tolist()
+            rows = {s: logits[bounds[i]:bounds[i + 1]] for i, s in enumerate(slots)}
+        else:
+            logits = runner.forward([(s, active[s].pending) for s in slots], cache, phase="prefill" if prefill else "decode")
+            rows = {s: logits[i:i + 1] for i, s in enumerate(slots)}
+        if size is not None:
+            size.observe(now() - t1, sum(1 + len(t.tokens) for t in trees.values()))
         totals["steps"] += 1
-        for row, slot in enumerate(slots):
-            a = active[slot]
-            step = a.sampler(logits[row])
-            a.tokens.append(step.token)
-            a.logprobs.append(step.logprob)
-            a.pending = [step.token]
-            reason = _finished(a, step.token)
-            if reason:
-                totals["prompts"] += 1
-                totals["prompt_tokens"] += len(a.req.prompt)
-                totals["completion_tokens"] += len(a.tokens)
-                del active[slot]
-                free.append(slot)
-                yield _record(a, reason)
+        for slot in slots:
+            a, tree = active[slot], trees[slot]
+            steps, kept = verified(rows[slot], tree, a.sampler)
+            if tree.tokens:
+                totals["drafted"] += len(tree.tokens)
+                totals["accepted"] += len(kept) - 1
+                cache.keep_rows(slot, starts[slot], kept)
+            for lg, token in steps:
+                step = step_of(lg, 0, token)
+                a.tokens.append(step.token)
+                a.logprobs.append(step.logprob)
+                a.pending = [step.token]
+                reason = _finished(a, step.token)
+                if reason:
+                    totals["prompts"] += 1
+                    totals["prompt_tokens"] += len(a.req.prompt)
+                    totals["completion_tokens"] += len(a.tokens)
+                    del active[slot]
+                    free.append(slot)
+                    yield _record(a, reason)
+                    break
+
+
+def _propose(draft, active: dict, slots: list[int], k: int, size, runner) -> dict:
+    """Each decoding sequence's draft tree for this pass: up to k tokens (or its share of what `size` picks),
+    within what it may still generate and what one pass holds."""
+    each = min(k or max(1, size.size() // len(slots)), runner.max_pass_tokens // len(slots) - 1)
+    trees = {}
+    for s in slots:
+        a = active[s]
+        limit = min(each, a.req.params.max_new_tokens - len(a.tokens) - 1)
+        trees[s] = (as_tree(draft.propose(a.req.prompt + a.tokens, limit, s), runner.args.vocab_size, limit)
+                    if limit > 0 else NOTHING)
+    return trees
 
 
 def _finished(a: Active, token: int) -> str | None:
@@ -199,6 +240,7 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", metavar="SIZE", help="RAM this run may use, e.g. 512M or 8G (default: the "
                    "memory cgroup's limit, or 85%% of the available memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_draft_options(p)
     return p
 
 
@@ -210,7 +252,8 @@ def main(args: argparse.Namespace) -> int:
     results = ResultLog(args.out)
     lines, requests, line_of, errors, skipped = 0, [], {}, 0, 0
     try:
-        with Engine(args.model, args.memory_budget, args.dtype, max_seq_len=args.max_seq_len) as engine:
+        with Engine(args.model, args.memory_budget, args.dtype, max_seq_len=args.max_seq_len, draft=args.draft,
+                    draft_tokens=args.draft_tokens, draft_branches=args.draft_branches) as engine:
             for n, obj, error in read_lines(args.prompts):
                 lines += 1
                 rid = obj.get("id", n) if obj is not None else n
@@ -248,8 +291,15 @@ def main(args: argparse.Namespace) -> int:
     done = totals.get("prompts", 0)
     print(f"batch: {done} done, {errors} failed, {skipped} already in {args.out}; {totals.get('completion_tokens', 0)} "
           f"tokens in {secs:.1f} s ({totals.get('completion_tokens', 0) / max(secs, 1e-9):.2f} tokens/s, "
-          f"{totals.get('steps', 0)} steps); {report.summary()}", file=sys.stderr)
+          f"{totals.get('steps', 0)} steps{_draft_summary(totals)}); {report.summary()}", file=sys.stderr)
     if errors:
         print(f"batch: {errors} line(s) failed: their error records are in {args.out}; fix them and rerun to retry them",
               file=sys.stderr)
     return 1 if errors else 0
+
+
+def _draft_summary(totals: dict) -> str:
+    if not totals.get("drafted"):
+        return ""
+    return (f"; draft: {totals['accepted']} of {totals['drafted']} proposed tokens kept, "
+            f"drafting {totals['draft_s']:.1f} s")

@@ -124,10 +124,10 @@ def activation_bytes(files: ModelFiles, tokens: int, batch: int, context: int) -
     return tokens * per_token + attention + batch * a.vocab_size * 8
 
 
-def draft_bytes(files: ModelFiles, context: int) -> int:
+def draft_bytes(files: ModelFiles, context: int, batch: int = 1) -> int:
     """What a draft model kept wholly in RAM adds to a run's memory: its weights, activations and KV cache
-    (the runtime and its code are the target's)."""
-    p = plan(files, 1 << 62, 1, context)
+    for `batch` sequences (the runtime and its code are the target's)."""
+    p = plan(files, 1 << 62, batch, context)
     return p.predicted_peak - BASELINE - p.code_cache
 
 
@@ -138,7 +138,7 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
     work. keep_resident=False streams every file. A draft model (speculative decoding) is kept whole in RAM and
     takes its share first."""
     budget = available_memory() if budget is None else budget
-    held = draft_bytes(draft, context) if draft is not None else 0
+    held = draft_bytes(draft, context, batch) if draft is not None else 0
     names = files.step_files()
     sizes = {n: files.files[n]["bytes"] for n in names}
     ring_min = min_ring_bytes([p for n in names for p in file_pieces(files.folder / n, files.headers[n])])

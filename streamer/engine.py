@@ -93,7 +93,7 @@ class Engine:
     def __init__(self, model: str | Path, memory_budget: str | int | None = None, dtype: str | torch.dtype = "auto", *,
                  max_seq_len: int | None = None, tokenizer=None, keep_resident: bool = True,
                  compile: bool | str = "auto", kv_cache: str = "auto", runner_options: dict | None = None,
-                 draft: str | Path | None = None, draft_tokens: int = 8):
+                 draft: str | Path | None = None, draft_tokens: int | None = None, draft_branches: int = 4):
         self.files = ModelFiles(Path(model).expanduser())
         self.args = self.files.args
         self.dtype = pick_dtype(dtype)
@@ -116,9 +116,10 @@ class Engine:
         self.plan: Plan | None = None
         self._runner: Runner | None = None
         self.monitor = MemoryMonitor()
-        if not isinstance(draft_tokens, int) or isinstance(draft_tokens, bool) or draft_tokens <= 0:
-            raise StreamerError(f"must be a positive integer, got {draft_tokens!r}", param="draft_tokens")
-        self.draft_tokens = draft_tokens
+        for name, value in (("draft_tokens", draft_tokens), ("draft_branches", draft_branches)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise StreamerError(f"must be a positive integer, got {value!r}", param=name)
+        self.draft_tokens, self.draft_branches = draft_tokens, draft_branches
         self.drafter = draft if hasattr(draft, "propose") else speculative.NgramDraft() if draft == "ngram" else None
         self.draft = None if draft is None or self.drafter else Engine(
             draft, dtype=self.dtype, max_seq_len=self.max_seq_len, tokenizer=self.tokenizer, compile=compile)
@@ -216,8 +217,9 @@ class Engine:
         io0 = (runner.io.bytes_read, runner.io.passes, runner.io.tokens) if runner is before else (0, 0, 0)
         cache = self.kv_cache(1, kv_dir)
         text = TextOut(self.tokenizer, stop_text) if self.tokenizer else None
-        drafter = speculative.ModelDraft(self.draft, self.plan.context) if self.draft else self.drafter
-        steps = decode(runner, cache, ids, params, stats, draft=drafter, k=self.draft_tokens)
+        drafter = self._drafter(1)
+        steps = decode(runner, cache, ids, params, stats, draft=drafter, k=self.draft_tokens or 0,
+                       size=self._pass_size() if drafter and not self.draft_tokens else None)
         try:
             for step in steps:
                 out, hit = ("", False) if text is None or step.token in params.stop_ids else text.feed(step.token)
@@ -274,10 +276,24 @@ class Engine:
         slots = min(batch_size, len(todo))
         runner = self.runner(slots, max(len(r.prompt) + r.params.max_new_tokens for r in todo))
         cache = self.kv_cache(slots)
+        drafter = self._drafter(slots)
         try:
-            yield from batching.run_batch(runner, cache, todo, self.tokenizer, totals)
+            yield from batching.run_batch(runner, cache, todo, self.tokenizer, totals, drafter, self.draft_tokens or 0,
+                                          self._pass_size() if drafter and not self.draft_tokens else None)
         finally:
             cache.close()
+            if self.draft and drafter:
+                drafter.close()
+
+    def _drafter(self, slots: int):
+        """What proposes draft tokens for `slots` sequences: a draft model (kept in RAM, with its KV cache),
+        the given object, or None."""
+        if self.draft:
+            return speculative.ModelDraft(self.draft, self.plan.context, slots, self.draft_branches)
+        return self.drafter
+
+    def _pass_size(self) -> speculative.PassSize:
+        return speculative.PassSize(self.args, self.dtype)
 
     # --- the rest -----------------------------------------------------------------------------------------
     def memory(self) -> MemoryReport:

@@ -11,6 +11,7 @@ from .errors import StreamerError
 from .kvcache import KVCache
 from .files import now
 from .runner import Runner
+from .speculative import PassSize, Tree, as_tree, tree_layout
 from .tokenizer import STOP_IDS
 
 
@@ -163,32 +164,67 @@ def resume_point(cache: KVCache, slot: int, prompt: Sequence[int]) -> int:
     return keep
 
 
-def accept(ps: Sequence[torch.Tensor], proposed: Sequence[int], gen: torch.Generator) -> tuple[int, int]:
-    """Speculative sampling's rule for a chain of deterministic proposals (a point mass q at each: n-gram
-    lookup and a draft model's greedy picks). ps[i] is the target's sampling distribution at proposal i,
-    with one more row for the token after the last. Proposal x is kept with probability p(x); at the first
-    one refused, the next token comes from p with x taken out (max(p - q, 0), renormalised), and after the
-    last one kept, from the extra row. Each emitted token is then distributed exactly as the target alone
-    would sample it (Leviathan et al. 2023, Chen et al. 2023). Returns (proposals kept, the token after them);
-    with nothing proposed, that token is plain sampling's draw from ps[0]."""
-    for i, x in enumerate(proposed):
-        p = ps[i]
-        if float(torch.rand((), generator=gen)) < float(p[x]):
-            continue
-        rest = p.clone()
-        rest[x] = 0
-        return i, int(torch.multinomial(rest, 1, generator=gen))  # p(x) < 1 here, so some mass is left
-    return len(proposed), int(torch.multinomial(ps[len(proposed)], 1, generator=gen))
+def accept(dist, tree: Tree, gen: torch.Generator) -> tuple[list[int], int]:
+    """Speculative sampling's rule for a tree of deterministic proposals (a point mass at each node: n-gram
+    lookup, a draft model's likeliest tokens). dist(r) is the target's sampling distribution after chunk row r
+    (row 0: the root, the last token; row i + 1: node i). From the root, each child x in turn is kept with
+    probability p(x); refused, it is taken out of p (renormalised) before the next child is tried. The first
+    child kept becomes the node whose children are tried next; when all are refused, the next token comes from
+    what is left of p. Each emitted token is then distributed exactly as the target alone would sample it
+    (Leviathan et al. 2023, Chen et al. 2023; for trees the recursive rejection of SpecInfer, Miao et al. 2024).
+    Returns the kept nodes (a path from the root) and the token after them."""
+    kids, path, row = tree.children(), [], 0
+    while True:
+        p = dist(row)
+        for c in kids[row]:
+            x = tree.tokens[c]
+            if float(torch.rand((), generator=gen)) < float(p[x]):
+                break
+            p = p.clone()
+            p[x] = 0
+            if not float(p.sum()) > 0:  # rounding refused a child that held all the mass left
+                break
+            p /= p.sum()
+        else:
+            return path, int(torch.multinomial(p, 1, generator=gen))
+        path.append(c)
+        row = c + 1
+
+
+def accept_greedy(logits: torch.Tensor, tree: Tree) -> tuple[list[int], int]:
+    """Greedy decoding's path through the tree: from the root, the child holding the target's most likely
+    token, as long as there is one; then that token. logits: the target's, one row per chunk row."""
+    kids, path, row = tree.children(), [], 0
+    while True:
+        t = int(logits[row].argmax())
+        c = next((c for c in kids[row] if tree.tokens[c] == t), None)
+        if c is None:
+            return path, t
+        path.append(c)
+        row = c + 1
+
+
+def verified(logits: torch.Tensor, tree: Tree, sampler: Sampler) -> tuple[list[tuple[torch.Tensor, int]], list[int]]:
+    """The tokens a pass yields, with the logits each was drawn from (the kept nodes, then the target's own
+    token), and the chunk rows to keep in the cache (the root and the kept nodes)."""
+    if sampler.p.temperature == 0:
+        path, own = accept_greedy(logits, tree)
+    else:
+        path, own = accept(lambda r: sampler.distribution(logits[r]), tree, sampler.gen)
+    rows = [0] + [c + 1 for c in path]
+    return [(logits[r], t) for r, t in zip(rows, [tree.tokens[c] for c in path] + [own])], rows
 
 
 def generate(runner: Runner, cache: KVCache, prompt: Sequence[int], params: SamplingParams,
-             stats: GenStats | None = None, slot: int = 0, draft=None, k: int = 0) -> Iterator[Step]:
+             stats: GenStats | None = None, slot: int = 0, draft=None, k: int = 8,
+             size: PassSize | None = None) -> Iterator[Step]:
     """Yield generated tokens one by one. The cache keeps every token fed so far, so a kept cache resumes.
 
-    With a draft (speculative.py), each pass also checks up to k tokens it proposes after the last one:
-    greedy keeps the longest prefix the target agrees with (so the output is plain greedy decoding's),
-    sampling applies `accept` (so it keeps the target's distribution), and the target's own token follows.
-    Rejected tokens leave the cache, which ends as plain decoding leaves it."""
+    With a draft (speculative.py), each pass also checks up to k tokens it proposes after the last one (or
+    as many as `size` picks from the passes so far), as a chain or a tree: greedy keeps the path the target
+    agrees with (so the output is plain greedy decoding's), sampling applies `accept` (so it keeps the target's
+    distribution), and the target's own token follows. Rejected tokens leave the cache, which ends as plain
+    decoding leaves it."""
     params.check()
     prompt = list(prompt)
     check_prompt(prompt, runner.args.vocab_size)
@@ -198,18 +234,11 @@ def generate(runner: Runner, cache: KVCache, prompt: Sequence[int], params: Samp
     stats.prompt_tokens, stats.reused_tokens = len(prompt), keep
     sampler = Sampler(params)
 
-    def verified(logits: torch.Tensor, props: list[int]) -> list[tuple[torch.Tensor, int]]:
-        """(logits, token) of the kept proposals, then of the target's own next token."""
-        if params.temperature == 0:
-            m = next((i for i, t in enumerate(props) if int(logits[i].argmax()) != t), len(props))
-            own = int(logits[m].argmax())
-        else:
-            m, own = accept([sampler.distribution(row) for row in logits[:len(props) + 1]], props, sampler.gen)
-        return [(logits[i], props[i]) for i in range(m)] + [(logits[m], own)]
-
     t0 = now()
-    rows = verified(runner.forward([(slot, prompt[keep:])], cache, phase="prefill"), [])
+    rows, _ = verified(runner.forward([(slot, prompt[keep:])], cache, phase="prefill"), NOTHING, sampler)
     stats.prefill_s = now() - t0
+    if size is not None:
+        size.observe(stats.prefill_s, len(prompt) - keep)
     tokens = list(prompt)
     try:
         while True:
@@ -225,23 +254,31 @@ def generate(runner: Runner, cache: KVCache, prompt: Sequence[int], params: Samp
                 if step.finish_reason:
                     return
             t0 = now()
-            props = draft.propose(tokens, min(k, params.max_new_tokens - n - 1)) if draft else []
+            limit = min(size.size() if size is not None else k, params.max_new_tokens - n - 1)
+            tree = as_tree(draft.propose(tokens, limit, slot), runner.args.vocab_size, limit) if draft and limit else NOTHING
             t1 = now()
-            # nothing proposed: a plain decode step, on the one-row kernels
-            logits = runner.forward([(slot, [tokens[-1]] + props)], cache, phase="decode", every=bool(props))
-            rows = verified(logits, props)
+            start = len(cache.tokens[slot])
+            logits = runner.forward([chunk(slot, tokens[-1], tree, start)], cache, phase="decode", every=bool(tree.tokens))
+            rows, kept = verified(logits, tree, sampler)
             stats.decode_s.append(now() - t1)
-            if props:
+            if size is not None:
+                size.observe(stats.decode_s[-1], 1 + len(tree.tokens))
+            if tree.tokens:
                 stats.draft_s += t1 - t0
-                stats.drafted += len(props)
-                stats.accepted += len(rows) - 1
-                _forget(cache, slot, len(tokens) + len(rows) - 1)  # the rejected proposals leave nothing behind
+                stats.drafted += len(tree.tokens)
+                stats.accepted += len(kept) - 1
+                cache.keep_rows(slot, start, kept)  # the rejected proposals leave nothing behind
     finally:
-        _forget(cache, slot, len(tokens) - 1)
+        if len(cache.tokens[slot]) >= len(tokens):  # stopped before the last pass's tokens were all yielded
+            cache.keep_rows(slot, len(tokens) - 1, [])
 
 
-def _forget(cache: KVCache, slot: int, keep: int) -> None:
-    """Keep only the slot's first `keep` tokens in the cache (and on disk)."""
-    if len(cache.tokens[slot]) > keep:
-        cache.tokens[slot] = cache.tokens[slot][:keep]
-        cache.commit()
+NOTHING = Tree([], [])
+
+
+def chunk(slot: int, last: int, tree: Tree, start: int) -> tuple:
+    """The runner's chunk for a pass checking `tree` after the last token, whose cache row is `start`: a chain
+    runs causally, a tree with its positions and mask."""
+    if tree.is_chain():  # nothing proposed: a plain decode step, on the one-row kernels
+        return slot, [last] + tree.tokens
+    return (slot, [last] + tree.tokens, *tree_layout([-1] + [p + 1 for p in tree.parents], start))

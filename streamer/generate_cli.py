@@ -9,6 +9,7 @@ from pathlib import Path
 from .engine import Engine
 from .errors import StreamerError
 from .generate import GenStats
+from .speculative import add_draft_options
 
 
 def parse_ids(text: str) -> list[int]:
@@ -53,9 +54,7 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", metavar="SIZE", help="RAM this run may use, e.g. 512M or 8G: blocks that fit stay "
                    "resident, the rest stream through a ring (default: the memory cgroup's limit, or 85%% of the "
                    "available memory)")
-    p.add_argument("--draft", metavar="MODEL|ngram", help="speculative decoding: a smaller split model with "
-                   "the same tokenizer, kept in RAM, or `ngram` (prompt lookup) proposes tokens that one pass checks")
-    p.add_argument("--draft-tokens", type=int, default=8, metavar="T", help="tokens the draft proposes per pass")
+    add_draft_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of text")
     p.add_argument("--memory-report", action="store_true", help="print peak memory per phase")
     return p
@@ -67,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
     ids = parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
     stats = GenStats()
     with Engine(args.model, args.memory_budget, args.dtype, max_seq_len=args.max_seq_len, tokenizer=args.tokenizer,
-                draft=args.draft, draft_tokens=args.draft_tokens) as engine:
+                draft=args.draft, draft_tokens=args.draft_tokens,
+                draft_branches=args.draft_branches) as engine:
         prompt, pieces = engine.prompt_ids(args.prompt, prompt_ids=ids, chat=args.chat, system=args.system), []
         for piece in engine.stream(prompt_ids=prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, seed=args.seed, logprobs=args.logprobs, stop=args.stop,

@@ -50,7 +50,7 @@ class KVCache:
         kv = torch.empty(shape, dtype=self.dtype)  # rows past a sequence's end are never read
         for row, (slot, start, _) in enumerate(seqs):
             if start:
-                self._read(i, slot, start, kv[:, row, :start])
+                self._read(i, slot, 0, start, kv[:, row, :start])
         yield kv
         for row, (slot, start, end) in enumerate(seqs):
             self._write(i, slot, start, kv[:, row, start:end])
@@ -58,6 +58,23 @@ class KVCache:
 
     def _done(self, i: int) -> None:
         pass
+
+    def keep_rows(self, slot: int, start: int, rows: list[int]) -> None:
+        """Keep, after the slot's first `start` positions, only the given rows of those that follow (ascending
+        offsets from start), moved up to sit right after them: the accepted path of a draft tree, whose
+        rejected branches leave nothing behind. Then commit."""
+        held = self.tokens[slot]
+        if rows != list(range(len(rows))):  # a path off the first branch: move its keys and values up
+            span = rows[-1] + 1
+            for i in range(self.args.n_layers):
+                kv = torch.empty(2, span, self.args.n_kv_heads, self.args.head_dim, dtype=self.dtype)
+                self._read(i, slot, start, start + span, kv)
+                self._write(i, slot, start, kv[:, rows])
+                self._done(i)
+        elif len(held) == start + len(rows):
+            return
+        self.tokens[slot] = held[:start] + [held[start + r] for r in rows]
+        self.commit()
 
     def reserve(self, slot: int, length: int) -> None:
         """Make room for `length` positions in `slot` before any work starts."""
@@ -79,8 +96,8 @@ class MemoryKVCache(KVCache):
         super().__init__(args, slots, max_seq, dtype)
         self.layers = [torch.zeros(self.shape, dtype=dtype) for _ in range(args.n_layers)]
 
-    def _read(self, i, slot, end, out):
-        out.copy_(self.layers[i][:, slot, :end])
+    def _read(self, i, slot, begin, end, out):
+        out.copy_(self.layers[i][:, slot, begin:end])
 
     def _write(self, i, slot, start, new):
         self.layers[i][:, slot, start:start + new.shape[1]] = new
@@ -173,11 +190,11 @@ class DiskKVCache(KVCache):
             self._fds[i] = os.open(self._path(i), os.O_RDWR)
         return self._fds[i]
 
-    def _read(self, i, slot, end, out):
+    def _read(self, i, slot, begin, end, out):
         fd = self._fd(i)
         for kv in (0, 1):
             buf = out[kv].view(-1).view(torch.uint8).numpy()  # a contiguous row of the slice: read in place
-            if os.preadv(fd, [buf], self._offset(kv, slot, 0)) != buf.nbytes:
+            if os.preadv(fd, [buf], self._offset(kv, slot, begin)) != buf.nbytes:
                 raise StreamerError(f"{self._path(i)}: KV cache file is shorter than its header says")
 
     def _write(self, i, slot, start, new):

@@ -22,6 +22,7 @@ class Seq(NamedTuple):
     slot: int  # its row in the KV cache slice of this pass
     start: int  # position of its first row in this step (= tokens already cached)
     rows: slice  # its rows in the packed [N, dim] activations
+    mask: torch.Tensor | None = None  # bool [rows, start + rows]: the keys each row sees (a draft tree); None: causal
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,21 +57,23 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * rot[:, None, :]).flatten(-2).type_as(x)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal grouped-query attention of one sequence. q [T, H, hd] at positions start..start+T-1;
-    k, v [start+T, KV, hd]. Query head h reads kv head h // (H/KV). Returns [T, H*hd]."""
+    k, v [start+T, KV, hd]. Query head h reads kv head h // (H/KV). Returns [T, H*hd].
+    mask (bool [T, start+T]) replaces causality: the rows of a draft tree see their ancestors only."""
     T, H, hd = q.shape
-    if T == 1:  # decode: Meta's matmul-softmax-matmul per kv head group; 2.5-4x faster here than SDPA's GQA path
+    if T == 1 and mask is None:  # decode: Meta's matmul-softmax-matmul per kv head group; 2.5-4x faster here than SDPA's GQA path
         KV = k.shape[1]
         scores = torch.bmm(q[0].view(KV, H // KV, hd), k.permute(1, 2, 0)) / math.sqrt(hd)  # (KV, H/KV, S)
         probs = torch.softmax(scores.float(), dim=-1).type_as(q)
         return torch.bmm(probs, v.transpose(0, 1)).reshape(1, H * hd)  # (KV, H/KV, hd) -> [1, H*hd]
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, T|S, hd)
-    mask = None
-    if T > 1 and start > 0:  # query t sees keys 0..start+t
+    causal = mask is None and T > 1 and start == 0
+    if mask is None and T > 1 and start > 0:  # query t sees keys 0..start+t
         mask = torch.ones(T, start + T, dtype=torch.bool).tril(diagonal=start)
     out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                         is_causal=(T > 1 and start == 0), enable_gqa=H != k.shape[0])
+                                         is_causal=causal, enable_gqa=H != k.shape[0])
     return out[0].transpose(0, 1).reshape(T, H * hd)
 
 
@@ -88,7 +91,8 @@ def attention(x, w, rot, kv, seqs: list[Seq], args: ModelArgs) -> torch.Tensor:
         end = s.start + (s.rows.stop - s.rows.start)
         kv[0, s.slot, s.start:end] = k[s.rows]
         kv[1, s.slot, s.start:end] = v[s.rows]
-        out[s.rows] = attend(q[s.rows], kv[0, s.slot, :end].to(x.dtype), kv[1, s.slot, :end].to(x.dtype), s.start)
+        out[s.rows] = attend(q[s.rows], kv[0, s.slot, :end].to(x.dtype), kv[1, s.slot, :end].to(x.dtype), s.start,
+                             s.mask)
     return linear_rows(out, w["wo"])
 
 

@@ -77,12 +77,14 @@ class Runner:
                 every: bool = False) -> torch.Tensor:
         """chunks: (slot, new token ids) per sequence; each continues where its slot's cache ends.
         Returns float32 logits [len(chunks), vocab] for the last new token of each chunk, or with every=True
-        for every new token, [total new tokens, vocab] in order (one pass: speculative verification)."""
+        for every new token, [total new tokens, vocab] in order (one pass: speculative verification).
+        With every=True a chunk may be (slot, ids, positions, mask): its tokens' positions, and the keys each
+        sees (bool [len(ids), cached + len(ids)]), for a tree of drafts (speculative.tree_layout)."""
         if every:
-            n = sum(len(ids) for _, ids in chunks)
+            n = sum(len(c[1]) for c in chunks)
             if n > self.max_pass_tokens:
                 raise ValueError(f"every=True needs one pass: {n} tokens > {self.max_pass_tokens}")
-            logits = self._pass([(slot, list(ids)) for slot, ids in chunks], cache, phase, list(range(len(chunks))), every)
+            logits = self._pass(chunks, cache, phase, list(range(len(chunks))), every)
             cache.commit()
             self.io.forwards += 1
             return logits
@@ -103,12 +105,13 @@ class Runner:
 
     def _pass(self, chunks, cache: KVCache, phase: str, want: list[int], every: bool = False) -> torch.Tensor:
         seqs, spans, ids, positions, row = [], [], [], [], 0
-        for k, (slot, new) in enumerate(chunks):
+        for k, (slot, new, *tree) in enumerate(chunks):
             start = len(cache.tokens[slot])
-            seqs.append(Seq(k, start, slice(row, row + len(new))))  # row k of this pass's cache slice
+            where, mask = tree or (range(start, start + len(new)), None)
+            seqs.append(Seq(k, start, slice(row, row + len(new)), mask))  # row k of this pass's cache slice
             spans.append((slot, start, start + len(new)))
             ids += new
-            positions += range(start, start + len(new))
+            positions += where
             row += len(new)
         self._phase(phase)
         x = self._embed(ids)  # [N, dim]
@@ -128,7 +131,7 @@ class Runner:
             head.drain()
             logits = torch.empty(0, self.args.vocab_size)
         head.done()
-        for slot, new in chunks:
+        for slot, new, *_ in chunks:
             cache.tokens[slot] += list(new)
         self.io.bytes_read += self.streamed_bytes
         self.io.passes += 1

@@ -1,26 +1,90 @@
-"""Speculative decoding's drafts: they propose the next tokens, and generate.generate has the target check
-them all in one pass over its weights, keeping what plain decoding would have produced (greedy) or what
-speculative sampling's rule accepts (generate.accept), plus one token of its own.
+"""Speculative decoding's drafts: they propose the next tokens, as a chain or as a tree of alternatives, and
+generate.generate has the target check them all in one pass over its weights, keeping what plain decoding
+would have produced (greedy) or what speculative sampling's rule accepts (generate.accept), plus one token of
+its own.
 
 Drafts: `NgramDraft` (prompt lookup: what followed the latest earlier occurrence of the last tokens; no
-memory), `ModelDraft` (a small model with the target's vocabulary, kept in RAM, proposing its own greedy
-continuation), or any object with propose(tokens, k) -> up to k ids."""
+memory), `ModelDraft` (a small model with the target's vocabulary, kept in RAM, growing a tree of its likeliest
+continuations), or any object with propose(tokens, k) -> a Tree, or a list of up to k ids (a chain).
+`PassSize` picks how many draft tokens a pass checks from what passes cost on this machine."""
 from __future__ import annotations
 
+import argparse
+import heapq
+import math
+import time
+from dataclasses import dataclass
 from typing import Sequence
+
+import torch
+import torch.nn.functional as F
 
 from .budget import plan
 from .errors import StreamerError
 
 
+@dataclass
+class Tree:
+    """Draft tokens to check after the last token (the root): tokens[i] follows parents[i], an earlier node,
+    or the root (-1). A chain has parents [-1, 0, 1, ...]. Siblings come in the draft's order of preference."""
+    tokens: list[int]
+    parents: list[int]
+
+    @classmethod
+    def chain(cls, tokens: Sequence[int]) -> "Tree":
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)))
+
+    def is_chain(self) -> bool:
+        return self.parents == list(range(-1, len(self.tokens) - 1))
+
+    def children(self) -> list[list[int]]:
+        """children[0]: the root's nodes; children[i + 1]: node i's."""
+        out = [[] for _ in range(len(self.tokens) + 1)]
+        for i, p in enumerate(self.parents):
+            out[p + 1].append(i)
+        return out
+
+
+def as_tree(proposal, vocab_size: int, limit: int) -> Tree:
+    """A draft's proposal as a checked Tree of at most `limit` nodes: a list of ids is a chain."""
+    tree = proposal if isinstance(proposal, Tree) else Tree.chain(proposal)
+    if len(tree.tokens) > limit or len(tree.parents) != len(tree.tokens):
+        raise StreamerError(f"the draft proposed {len(tree.tokens)} tokens with {len(tree.parents)} parents; at most "
+                            f"{limit} were asked for", param="draft")
+    for i, (t, p) in enumerate(zip(tree.tokens, tree.parents)):
+        if not isinstance(t, int) or not 0 <= t < vocab_size or not isinstance(p, int) or not -1 <= p < i:
+            raise StreamerError(f"the draft's node {i} (token {t!r}, parent {p!r}) is not a token id below "
+                                f"{vocab_size} following an earlier node or the root (-1)", param="draft")
+    return tree
+
+
+def tree_layout(parents: Sequence[int], base: int, first: int = 0) -> tuple[list[int], torch.Tensor]:
+    """Positions and attention mask for nodes first.. of a tree whose node i sits in the cache at row
+    base + i, after a prefix of `base` rows that every node sees. A node with parent -1 follows the prefix
+    (position base), the others their parent (one position further). Each node sees the prefix, its
+    ancestors and itself: mask is bool [nodes from first, base + len(parents)]."""
+    depth = []
+    for p in parents:
+        depth.append(0 if p < 0 else depth[p] + 1)
+    n = len(parents) - first
+    mask = torch.zeros(n, base + len(parents), dtype=torch.bool)
+    mask[:, :base] = True
+    for r in range(n):
+        j = first + r
+        while j >= 0:
+            mask[r, base + j] = True
+            j = parents[j]
+    return [base + d for d in depth[first:]], mask
+
+
 class NgramDraft:
     """Proposes what followed the latest earlier occurrence of the last n tokens (n = max_n, then shorter),
-    in the prompt and the output so far."""
+    in the prompt and the output so far: a chain."""
 
     def __init__(self, max_n: int = 3):
         self.max_n = max_n
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+    def propose(self, tokens: Sequence[int], k: int, slot: int = 0) -> list[int]:
         for n in range(min(self.max_n, len(tokens) - 1), 0, -1):
             tail = list(tokens[-n:])
             for start in range(len(tokens) - n - 1, -1, -1):
@@ -33,33 +97,94 @@ class NgramDraft:
 
 
 class ModelDraft:
-    """A draft model's greedy continuation. Its KV cache keeps the tokens both models agree on; proposals
-    the target rejected are dropped from it before the next proposal."""
+    """A draft model's tree of likeliest continuations, grown best first: every candidate is scored by the
+    draft's probability of the whole path to it, and each round runs, in one pass of the draft, the best
+    candidates (those within a factor `spread` of the best). Each node offers its `branches` likeliest next
+    tokens as new candidates; branches=1 gives a chain, the draft's greedy continuation. The draft's KV cache
+    keeps the tokens both models agree on; a proposal's nodes leave it before the next proposal."""
 
-    def __init__(self, engine, context: int):
+    def __init__(self, engine, context: int, slots: int = 1, branches: int = 4, spread: float = 0.5):
         self.engine = engine
         # exactly its whole self in RAM: the target's plan set this share aside first (budget.draft_bytes)
-        engine.budget = plan(engine.files, 1 << 62, 1, context).predicted_peak
-        self.runner = engine.runner(1, context)
-        self.cache = engine.kv_cache(1)
-        self.cache.reserve(0, context)
+        engine.budget = plan(engine.files, 1 << 62, slots, context).predicted_peak
+        self.runner = engine.runner(slots, context)
+        self.cache = engine.kv_cache(slots)
+        for slot in range(slots):
+            self.cache.reserve(slot, context)
+        self.branches, self.spread = branches, math.log(spread)
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+    def propose(self, tokens: Sequence[int], k: int, slot: int = 0) -> Tree:
         if k <= 0:
-            return []
-        held = self.cache.tokens[0]
+            return Tree([], [])
+        held = self.cache.tokens[slot]
         same = next((i for i, (a, b) in enumerate(zip(held, tokens)) if a != b), min(len(held), len(tokens)))
-        self.cache.tokens[0] = held[:min(same, len(tokens) - 1)]  # the last token always runs: its logits are needed
-        out = []
-        logits = self.runner.forward([(0, list(tokens[len(self.cache.tokens[0]):]))], self.cache, phase="draft")
-        while len(out) < k:
-            out.append(int(logits[0].argmax()))
-            if len(out) < k:
-                logits = self.runner.forward([(0, [out[-1]])], self.cache, phase="draft")
-        return out
+        self.cache.tokens[slot] = held[:min(same, len(tokens) - 1)]  # the last token always runs: its logits are needed
+        base = len(tokens)
+        logits = self.runner.forward([(slot, list(tokens[len(self.cache.tokens[slot]):]))], self.cache, phase="draft")
+        tree, order, heap = Tree([], []), 0, []
+        new = [(-1, 0.0)]  # (node, its path's log-probability): the root first
+        while True:
+            for (node, score), row in zip(new, F.log_softmax(logits.float(), dim=-1)):
+                top = row.topk(self.branches)
+                for lp, t in zip(top.values.tolist(), top.indices.tolist()):
+                    heapq.heappush(heap, (-(score + lp), order, node, t))
+                    order += 1
+            first, best = len(tree.tokens), -heap[0][0] if heap else 0.0
+            new = []
+            while heap and len(tree.tokens) < k and -heap[0][0] >= best + self.spread:
+                neg, _, parent, t = heapq.heappop(heap)
+                new.append((len(tree.tokens), -neg))
+                tree.tokens.append(t)
+                tree.parents.append(parent)
+            if not new or len(tree.tokens) >= k:
+                break
+            positions, mask = tree_layout(tree.parents, base, first)
+            logits = self.runner.forward([(slot, tree.tokens[first:], positions, mask)], self.cache,
+                                         phase="draft", every=True)
+        self.cache.tokens[slot] = self.cache.tokens[slot][:base]
+        return tree
 
     def close(self) -> None:
         self.cache.close()
+
+
+class PassSize:
+    """How many draft tokens a pass checks, from what passes cost here: a pass of T tokens takes about
+    read + T·c, where c (seconds per token: 2 FLOPs per weight, at this machine's matmul rate, measured
+    once) grows with T and read (the rest of a one-token pass: reading the weights) does not. Streamed
+    blocks are read while earlier ones compute, so T tokens stay close to a plain pass's time while
+    T·c <= `share` × read. Each pass observed refines read."""
+
+    def __init__(self, args, dtype: torch.dtype, share: float = 0.8, cap: int = 64):
+        self.share, self.cap = share, cap
+        self.c = _flops_per_token(args) / _matmul_rate(args.dim, dtype)
+        self.read: float | None = None
+
+    def observe(self, seconds: float, tokens: int) -> None:
+        read = max(seconds - tokens * self.c, 0.0)
+        self.read = read if self.read is None else 0.5 * (self.read + read)
+
+    def size(self) -> int:
+        if self.read is None:
+            return 8
+        return max(1, min(self.cap, int(self.share * self.read / self.c)))
+
+
+def _flops_per_token(args) -> float:
+    hd, ffn = args.head_dim, args.ffn_dim
+    block = args.dim * (args.n_heads + 2 * args.n_kv_heads) * hd + args.n_heads * hd * args.dim + 3 * args.dim * ffn
+    return 2.0 * (args.n_layers * block + args.dim * args.vocab_size)
+
+
+def _matmul_rate(dim: int, dtype: torch.dtype, rows: int = 32) -> float:
+    """FLOP/s of [rows, dim] x [dim, dim] matmuls in dtype, the best of a few."""
+    x, w = torch.randn(rows, dim).to(dtype), torch.randn(dim, dim).to(dtype)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * rows * dim * dim / max(best, 1e-9)
 
 
 def check_draft(target, draft) -> None:
@@ -77,3 +202,12 @@ def _tokenizer_entry(files) -> tuple[str, str] | None:
     name = files.tokenizer_path.name if files.tokenizer_path else None
     entry = next((f for f in files.manifest["files"] if f["name"] == name), None)
     return (entry["name"], entry["sha256"]) if entry else None
+
+
+def add_draft_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", metavar="MODEL|ngram", help="speculative decoding: a smaller split model with "
+                   "the same tokenizer, kept in RAM, or `ngram` (prompt lookup) proposes tokens that one pass checks")
+    p.add_argument("--draft-tokens", type=int, metavar="T", help="draft tokens checked per pass (default: as many "
+                   "as keep a pass close to a plain one's time, from the passes measured so far)")
+    p.add_argument("--draft-branches", type=int, default=4, metavar="B", help="a draft model's tree offers its B "
+                   "likeliest tokens after each node (1: a chain)")

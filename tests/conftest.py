@@ -54,12 +54,12 @@ def llama3_tiny(tmp_path_factory, tokenizer_path) -> Path:
 
 
 def stream(folder: Path, prompt: list[int], n: int, dtype=torch.float32, kv_dir=None, runner_kw=None, compile=False,
-           kv_cache="auto", draft=None, draft_tokens=8, **kw):
+           kv_cache="auto", draft=None, draft_tokens=8, draft_branches=4, **kw):
     """Greedy generation through the Engine (streamed or resident runner; KV cache placed by the plan, or on
     disk with kv_cache="disk"; speculative with a draft): (pieces, stats)."""
     stats = GenStats()
     with Engine(folder, dtype=dtype, max_seq_len=256, compile=compile, kv_cache=kv_cache, runner_options=runner_kw,
-                draft=draft, draft_tokens=draft_tokens) as engine:
+                draft=draft, draft_tokens=draft_tokens, draft_branches=draft_branches) as engine:
         pieces = list(engine.stream(prompt_ids=prompt, max_new_tokens=n, kv_dir=kv_dir, stats=stats, **kw))
     return pieces, stats
 

@@ -57,17 +57,23 @@ def test_generate_json_from_ids(llama3_tiny):
     assert "peak rss" in r.stderr
 
 
-def test_generate_with_a_draft(llama3_tiny):
-    """--draft: the same tokens as without, and the draft's figures in --json and the summary line."""
-    args = ["generate", llama3_tiny, "--prompt-ids", "128000,1820,4320,1820,4320", "--max-new-tokens", "12", "--dtype",
-            "float32", "--json"]
+def test_generate_and_batch_with_a_draft(llama3_tiny, tmp_path):
+    """--draft: the same tokens as without, and the draft's figures in --json and the summary lines; the
+    number of draft tokens is picked from the passes measured unless --draft-tokens sets it."""
+    ids = "128000,1820,4320,1820,4320"
+    args = ["generate", llama3_tiny, "--prompt-ids", ids, "--max-new-tokens", "12", "--dtype", "float32", "--json"]
     plain = json.loads(cli(*args).stdout)
-    for draft in ("ngram", llama3_tiny):
-        r = cli(*args, "--draft", draft, "--draft-tokens", "3")
-        out = json.loads(r.stdout)
-        assert out["tokens"] == plain["tokens"]
-        assert "drafted" in out["stats"] and "proposed tokens kept" in r.stderr and "tokens per pass" in r.stderr
-    assert out["stats"]["accepted"] == out["stats"]["drafted"] > 0  # the model as its own draft: all kept
+    r = cli(*args, "--draft", "ngram")
+    out = json.loads(r.stdout)
+    assert out["tokens"] == plain["tokens"]
+    assert out["stats"]["drafted"] > 0 and "proposed tokens kept" in r.stderr and "tokens per pass" in r.stderr
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt_ids": [int(t) for t in ids.split(",")], "max_new_tokens": 12}) + "\n")
+    r = cli("batch", llama3_tiny, prompts, "--out", tmp_path / "r.jsonl", "--dtype", "float32", "--quiet",
+            "--draft", llama3_tiny, "--draft-tokens", "3", "--draft-branches", "1")
+    assert json.loads((tmp_path / "r.jsonl").read_text())["tokens"] == plain["tokens"]
+    kept = re.search(r"draft: (\d+) of (\d+) proposed tokens kept", r.stderr)
+    assert kept and kept[1] == kept[2] != "0", r.stderr  # the model as its own chain draft: all kept
     one_error_line(cli(*args, "--draft-tokens", "0", check=False), "--draft-tokens", "positive integer")
 
 

@@ -107,9 +107,12 @@ def test_bench_spec_smoke(tmp_path):
     subprocess.run([sys.executable, "-m", "streamer", "split", meta, tmp_path / "layers", "--quiet"], check=True,
                    capture_output=True)
     r = subprocess.run([sys.executable, TOOLS / "bench_spec.py", tmp_path / "layers", "--drafts", "ngram,oracle",
-                        "--draft-tokens", "3", "--tokens", "6", "--dtype", "float32"], capture_output=True, text=True,
-                       timeout=300)
+                        "--draft-tokens", "4", "--branches", "1,2", "--tokens", "6", "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    rows = {l.split("|")[1].strip(): l for l in r.stdout.splitlines() if l.startswith("| ")}
-    assert "none (plain)" in rows and rows["oracle"].rstrip().endswith("| yes |") and "| ngram | 3 |" in rows["ngram"]
-    assert "| 3 / 3 |" in rows["oracle"]  # all kept: 3 drafted after the first token, then one plain step
+    rows = {" ".join(c.strip() for c in l.split("|")[1:3]).strip(): l for l in r.stdout.splitlines()
+            if l.startswith("| ") and not l.startswith("| draft")}
+    assert set(rows) == {"none (plain)", "ngram chain", "oracle chain", "oracle tree, B=2"}, r.stdout
+    assert all(rows[k].rstrip().endswith("| yes |") for k in rows if k != "none (plain)"), r.stdout
+    assert "| 4 / 4 |" in rows["oracle chain"]  # all kept: 4 drafted after the first token, then one plain step
+    assert "| 3 / 5 |" in rows["oracle tree, B=2"]  # 2 levels of 2 (2 kept), then the one token left (kept)

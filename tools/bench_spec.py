@@ -1,12 +1,16 @@
 """Speculative decoding against plain decoding, paired: tools/bench_spec.py TARGET --drafts D1,ngram,oracle ...
 
 Each run is a fresh process under `streamer memcap --cap` (none: no cap), with the page cache dropped first:
-plain greedy decoding first, then the target with each draft at each `--draft-tokens` T. `oracle` is the
-perfect draft: it proposes the plain run's own continuation, so a pass yields T + 1 tokens and its cost at T
-tokens shows. Reported: s/token over the generated tokens after the first (the verification passes and the
-drafting), tokens per pass, the draft's proposals kept, its seconds per proposed token, and whether the
-tokens equal the plain run's (they must, in float32). `--memory-budget` is the whole run's (default: the cap):
-a model draft's share comes out of it first, and the target plans in the rest.
+plain greedy decoding first, then the target with each draft at each `--draft-tokens` T (a number, or auto:
+picked from the measured passes) and each `--branches` B (1: a chain; more: a tree). `oracle` is the perfect
+draft: it proposes the plain run's own continuation (with B > 1, each level also holds B - 1 wrong siblings,
+so passes run the tree mask), so a pass yields all its levels plus one token and its cost at T tokens shows.
+Reported: s/token over the generated tokens after the first (the verification passes and the drafting),
+tokens per pass, a verification pass's seconds against a plain step's, the draft's proposals kept, and for
+a model draft its seconds per pass against its memory floor (its bytes over a plain read from RAM, like
+STREAM, measured here first); and whether the tokens equal the plain run's (they must, in float32).
+`--memory-budget` is the whole run's (default: the cap): a model draft's share comes out of it first, and
+the target plans in the rest.
 """
 import argparse
 import json
@@ -21,14 +25,25 @@ from bench import MEMCAP, drop_caches  # noqa: E402
 
 
 class Oracle:
-    """Proposes the known continuation (the plain run's tokens) after the prompt."""
+    """Proposes the known continuation (the plain run's tokens) after the prompt: a chain, or with branches
+    B > 1 a tree whose levels hold the right token and B - 1 wrong ones."""
 
-    def __init__(self, prompt: list[int], out: list[int]):
-        self.seq = prompt + out
+    def __init__(self, prompt: list[int], out: list[int], branches: int, vocab: int):
+        self.seq, self.branches, self.vocab = prompt + out, branches, vocab
 
-    def propose(self, tokens, k):
+    def propose(self, tokens, k, slot=0):
+        from streamer.speculative import Tree
         n = len(tokens)
-        return self.seq[n:n + k] if self.seq[:n] == list(tokens) else []
+        if self.seq[:n] != list(tokens):
+            return []
+        tree, parent = Tree([], []), -1
+        for t in self.seq[n:n + max(1, k // self.branches)]:
+            for j in range(self.branches):
+                if len(tree.tokens) < k:
+                    tree.tokens.append((t + j) % self.vocab)
+                    tree.parents.append(parent)
+            parent = len(tree.tokens) - self.branches
+        return tree
 
 
 def worker(a) -> dict:
@@ -37,21 +52,28 @@ def worker(a) -> dict:
     from streamer.generate import GenStats
     torch.set_num_threads(2)
     ids = [int(t) for t in a.ids.split(",")]
-    draft = None if a.draft == "plain" else Oracle(ids, json.loads(a.oracle)) if a.draft == "oracle" else a.draft
+    from streamer.layout import ModelFiles
+    vocab, branches = ModelFiles(a.target).args.vocab_size, int(a.branches)
+    draft = (None if a.draft == "plain" else Oracle(ids, json.loads(a.oracle), branches, vocab)
+             if a.draft == "oracle" else a.draft)
     t0 = time.perf_counter()
     with Engine(a.target, a.memory_budget, a.dtype, max_seq_len=len(ids) + a.tokens + 1, draft=draft,
-                draft_tokens=a.t) as engine:
+                draft_tokens=None if a.t == "auto" else int(a.t), draft_branches=branches) as engine:
         stats = GenStats()
         out = engine.generate(prompt_ids=ids, max_new_tokens=a.tokens, stats=stats)
         total = time.perf_counter() - t0
+        d = engine.draft._runner if engine.draft else None
+        draft_passes, draft_bytes = (d.io.passes, d.io.resident_bytes) if d else (0, 0)
     decode = sum(stats.decode_s) + stats.draft_s
     return {"tokens": out.tokens, "prefill_s": stats.prefill_s, "s_per_token": decode / max(len(out.tokens) - 1, 1),
             "passes": stats.passes, "drafted": stats.drafted, "accepted": stats.accepted, "draft_s": stats.draft_s,
-            "verify_s": sum(stats.decode_s), "total_s": total}
+            "verify_s": sum(stats.decode_s), "s_per_pass": sum(stats.decode_s) / max(len(stats.decode_s), 1),
+            "draft_passes": draft_passes, "draft_bytes": draft_bytes, "total_s": total}
 
 
-def run(a, draft: str, t: int, oracle: list[int] | None = None) -> dict:
-    cmd = [sys.executable, __file__, str(a.target), "--worker", "--draft", draft, "--t", str(t), "--ids", a.ids,
+def run(a, draft: str, t: str, branches: int = 1, oracle: list[int] | None = None) -> dict:
+    cmd = [sys.executable, __file__, str(a.target), "--worker", "--draft", draft, "--t", t, "--branches", str(branches),
+           "--ids", a.ids,
            "--tokens", str(a.tokens), "--dtype", a.dtype] + (["--memory-budget", a.memory_budget] if a.memory_budget else [])
     if oracle is not None:
         cmd += ["--oracle", json.dumps(oracle)]
@@ -69,7 +91,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", type=Path)
     p.add_argument("--drafts", default="ngram,oracle", help="comma-separated: split folders, ngram, oracle")
-    p.add_argument("--draft-tokens", default="4,8,16", help="T values")
+    p.add_argument("--draft-tokens", default="4,8,16", help="T values (auto: picked from the measured passes)")
+    p.add_argument("--branches", default="1", help="B values: 1 for a chain, more for a tree")
     p.add_argument("--ids", default=None, help="prompt ids (default: a passage that repeats, for ngram)")
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--cap", default="none")
@@ -79,7 +102,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--draft", help=argparse.SUPPRESS)
-    p.add_argument("--t", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--t", default="8", help=argparse.SUPPRESS)
     p.add_argument("--oracle", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -88,28 +111,43 @@ def main() -> None:
     if a.ids is None:
         passage = [128000] + list(range(1000, 1012))
         a.ids = ",".join(map(str, passage + passage[1:]))
-    plain = run(a, "plain", 1)
+    plain = run(a, "plain", "1")
     if "error" in plain:
         raise SystemExit(f"plain run failed: {plain['error']}")
-    rows = ["| draft | T | s/token | vs plain | tokens per pass | kept / proposed | draft s per proposed token | same tokens |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| none (plain) | | {plain['s_per_token']:.3f} | 1.00 | {len(plain['tokens']) / plain['passes']:.2f} | | | |"]
+    membw = None
+    if any(d not in ("ngram", "oracle") for d in a.drafts.split(",")):
+        from bench import memory_read_rate
+        membw = memory_read_rate(1 << 30)
+    rows = ["| draft | shape | T | s/token | vs plain | tokens per pass | s per pass | vs plain step | kept / proposed "
+            "| draft s per pass (floor) | same tokens |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| none (plain) | | | {plain['s_per_token']:.3f} | 1.00 | {len(plain['tokens']) / plain['passes']:.2f} | "
+            f"{plain['s_per_pass']:.3f} | 1.00 | | | |"]
     runs = {"plain": plain}
     for draft in a.drafts.split(","):
-        for t in map(int, a.draft_tokens.split(",")):
-            r = run(a, draft, t, plain["tokens"] if draft == "oracle" else None)
-            runs[f"{draft} T={t}"] = r
-            name = Path(draft).name if draft not in ("ngram", "oracle") else draft
-            if "error" in r:
-                rows.append(f"| {name} | {t} | failed: {r['error']} | | | | | |")
-                continue
-            per = f"{r['draft_s'] / r['drafted'] * 1e3:.1f} ms" if r["drafted"] else ""
-            rows.append(f"| {name} | {t} | {r['s_per_token']:.3f} | {plain['s_per_token'] / r['s_per_token']:.2f}x | "
-                        f"{len(r['tokens']) / r['passes']:.2f} | {r['accepted']} / {r['drafted']} | {per} | "
-                        f"{'yes' if r['tokens'] == plain['tokens'] else 'NO'} |")
-            print(rows[-1], file=sys.stderr, flush=True)
+        for b in map(int, a.branches.split(",")):
+            if draft == "ngram" and b > 1:
+                continue  # prompt lookup proposes chains
+            for t in a.draft_tokens.split(","):
+                r = run(a, draft, t, b, plain["tokens"] if draft == "oracle" else None)
+                runs[f"{draft} B={b} T={t}"] = r
+                name = Path(draft).name if draft not in ("ngram", "oracle") else draft
+                shape = "chain" if b == 1 else f"tree, B={b}"
+                if "error" in r:
+                    rows.append(f"| {name} | {shape} | {t} | failed: {r['error']} | | | | | | | |")
+                    continue
+                own = ""
+                if r["draft_passes"]:
+                    per = r["draft_s"] / r["draft_passes"]
+                    own = f"{per * 1e3:.1f} ms ({r['draft_bytes'] / membw * 1e3:.1f} ms), {r['draft_passes']} passes"
+                rows.append(f"| {name} | {shape} | {t} | {r['s_per_token']:.3f} | {plain['s_per_token'] / r['s_per_token']:.2f}x | "
+                            f"{len(r['tokens']) / r['passes']:.2f} | {r['s_per_pass']:.3f} | "
+                            f"{r['s_per_pass'] / plain['s_per_pass']:.2f} | {r['accepted']} / {r['drafted']} | {own} | "
+                            f"{'yes' if r['tokens'] == plain['tokens'] else 'NO'} |")
+                print(rows[-1], file=sys.stderr, flush=True)
     head = (f"target {a.target.name} ({a.dtype}), memcap {a.cap}" + (f", memory budget {a.memory_budget}" if a.memory_budget else "")
-            + f", {a.tokens} tokens; tokens per pass counts the prefill's pass")
+            + f", {a.tokens} tokens; tokens per pass counts the prefill's pass"
+            + (f"; memory read rate {membw / 1e9:.1f} GB/s" if membw else ""))
     table = head + "\n\n" + "\n".join(rows)
     print(table)
     if a.out:
