@@ -97,11 +97,14 @@ class NgramDraft:
 
 
 class ModelDraft:
-    """A draft model's tree of likeliest continuations, grown best first: every candidate is scored by the
-    draft's probability of the whole path to it, and each round runs, in one pass of the draft, the best
-    candidates (those within a factor `spread` of the best). Each node offers its `branches` likeliest next
-    tokens as new candidates; branches=1 gives a chain, the draft's greedy continuation. The draft's KV cache
-    keeps the tokens both models agree on; a proposal's nodes leave it before the next proposal."""
+    """A draft model's tree of continuations, grown best first. A candidate's score is the estimated chance
+    that the target keeps its whole path: the product, along it, of how often the target's token turned out
+    to be the draft's first, second, ... choice at a node (counted over the passes so far, from a prior that
+    favours the first). A draft close to the target thus grows one long chain, an unsure one a bushy tree.
+    Each round runs, in one pass of the draft, the best candidates (those within a factor `spread` of the
+    best); each node offers its `branches` likeliest next tokens as new candidates (branches=1: a chain, the
+    draft's greedy continuation). The draft's KV cache keeps the tokens both models agree on; a proposal's
+    nodes leave it before the next proposal."""
 
     def __init__(self, engine, context: int, slots: int = 1, branches: int = 4, spread: float = 0.5):
         self.engine = engine
@@ -112,8 +115,18 @@ class ModelDraft:
         for slot in range(slots):
             self.cache.reserve(slot, context)
         self.branches, self.spread = branches, math.log(spread)
+        # how often the target's token was the draft's choice of each rank (the last: none of them), with a prior
+        self.hits = [0.5 / 2 ** r for r in range(branches)] + [0.0]
+        self.hits[-1] = 1.0 - sum(self.hits)
+        self.last: dict[int, tuple[int, Tree, dict[int, list[int]]]] = {}  # per slot: base, tree, choices per node
+
+    def rank_odds(self) -> list[float]:
+        """The estimated chance that the target's next token is the draft's choice of rank r."""
+        total = sum(self.hits)
+        return [h / total for h in self.hits[:-1]]
 
     def propose(self, tokens: Sequence[int], k: int, slot: int = 0) -> Tree:
+        self._learn(slot, tokens)
         if k <= 0:
             return Tree([], [])
         held = self.cache.tokens[slot]
@@ -121,13 +134,14 @@ class ModelDraft:
         self.cache.tokens[slot] = held[:min(same, len(tokens) - 1)]  # the last token always runs: its logits are needed
         base = len(tokens)
         logits = self.runner.forward([(slot, list(tokens[len(self.cache.tokens[slot]):]))], self.cache, phase="draft")
-        tree, order, heap = Tree([], []), 0, []
-        new = [(-1, 0.0)]  # (node, its path's log-probability): the root first
+        odds = [math.log(max(p, 1e-9)) for p in self.rank_odds()]
+        tree, order, heap, choices = Tree([], []), 0, [], {}
+        new = [(-1, 0.0)]  # (node, its path's log-chance): the root first
         while True:
-            for (node, score), row in zip(new, F.log_softmax(logits.float(), dim=-1)):
-                top = row.topk(self.branches)
-                for lp, t in zip(top.values.tolist(), top.indices.tolist()):
-                    heapq.heappush(heap, (-(score + lp), order, node, t))
+            for (node, score), row in zip(new, logits):
+                choices[node] = row.topk(self.branches).indices.tolist()
+                for r, t in enumerate(choices[node]):
+                    heapq.heappush(heap, (-(score + odds[r]), order, node, t))
                     order += 1
             first, best = len(tree.tokens), -heap[0][0] if heap else 0.0
             new = []
@@ -142,7 +156,24 @@ class ModelDraft:
             logits = self.runner.forward([(slot, tree.tokens[first:], positions, mask)], self.cache,
                                          phase="draft", every=True)
         self.cache.tokens[slot] = self.cache.tokens[slot][:base]
+        self.last[slot] = (base, tree, choices)
         return tree
+
+    def _learn(self, slot: int, tokens: Sequence[int]) -> None:
+        """Count, down the path the target took through the last proposal, the rank each of its tokens had
+        among the draft's choices."""
+        if slot not in self.last:
+            return
+        base, tree, choices = self.last.pop(slot)
+        kids = tree.children()
+        node = -1
+        for t in tokens[base:]:
+            if node not in choices:
+                break
+            self.hits[choices[node].index(t) if t in choices[node] else -1] += 1
+            node = next((c for c in kids[node + 1] if tree.tokens[c] == t), None)
+            if node is None:
+                break
 
     def close(self) -> None:
         self.cache.close()
