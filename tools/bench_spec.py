@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench import MEMCAP, drop_caches  # noqa: E402
+from bench import MEMCAP, cold_read, drop_caches  # noqa: E402
 
 
 class Oracle:
@@ -71,6 +71,45 @@ def worker(a) -> dict:
             "draft_passes": draft_passes, "draft_bytes": draft_bytes, "total_s": total}
 
 
+def worker_passes(a) -> dict:
+    """Seconds of a plain decode step and of verification passes of T tree tokens (a 4-ary tree, so the tree
+    mask runs), in rounds that alternate them, in one process after one prefill."""
+    import torch
+    from streamer import Engine
+    from streamer.generate import NOTHING, chunk
+    from streamer.speculative import Tree, _flops_per_token, _matmul_rate
+    torch.set_num_threads(2)
+    ids = [int(t) for t in a.ids.split(",")]
+    sizes = [int(t) for t in a.pass_cost.split(",")]
+    times = {t: [] for t in [0] + sizes}
+    reads = []
+    with Engine(a.target, a.memory_budget, a.dtype, max_seq_len=len(ids) + 4 * a.rounds * (len(sizes) + 1) + 200) as engine:
+        runner = engine.runner(1, engine.max_seq_len)
+        cache = engine.kv_cache(1)
+        cache.reserve(0, engine.max_seq_len)
+        if len(ids) > 1:
+            runner.forward([(0, ids[:-1])], cache)  # the prefill; the last prompt token is the first pass's root
+        last = ids[-1]
+        gen = torch.Generator().manual_seed(0)
+        streamed = [a.target / n for n in runner.names if n not in runner.resident]
+        for _ in range(a.rounds):
+            if streamed:  # the disk floor of this round: the same bytes, read cold
+                reads.append(cold_read(streamed, 4)["seconds"])
+            for t in [0] + sizes:
+                tree = NOTHING if t == 0 else Tree(torch.randint(0, engine.args.vocab_size, (t,), generator=gen).tolist(),
+                                                   [i // 4 - 1 for i in range(t)])
+                start = len(cache.tokens[0])
+                t0 = time.perf_counter()
+                logits = runner.forward([chunk(0, last, tree, start)], cache, phase="decode", every=t > 0)
+                times[t].append(time.perf_counter() - t0)
+                last = int(logits[0].argmax())
+                cache.keep_rows(0, start, [0])
+        rate = {t: _matmul_rate(engine.args.dim, engine.dtype, rows=t + 1) for t in sizes}
+        flops = _flops_per_token(engine.args)
+    return {"times": {str(t): v for t, v in times.items()}, "compute_s": {str(t): (t + 1) * flops / rate[t] for t in sizes},
+            "streamed_bytes": sum(p.stat().st_size for p in streamed), "reads": reads}
+
+
 def run(a, draft: str, t: str, branches: int = 1, oracle: list[int] | None = None) -> dict:
     cmd = [sys.executable, __file__, str(a.target), "--worker", "--draft", draft, "--t", t, "--branches", str(branches),
            "--ids", a.ids,
@@ -87,6 +126,36 @@ def run(a, draft: str, t: str, branches: int = 1, oracle: list[int] | None = Non
     return json.loads(lines[-1])
 
 
+def pass_cost(a) -> None:
+    """The --pass-cost table: each size's median pass against the plain step's, and its compute floor."""
+    import statistics
+    cmd = [sys.executable, __file__, str(a.target), "--worker", "--pass-cost", a.pass_cost, "--rounds", str(a.rounds),
+           "--ids", a.ids, "--dtype", a.dtype] + (["--memory-budget", a.memory_budget] if a.memory_budget else [])
+    if a.cap != "none":
+        cmd = MEMCAP + [a.cap, "--"] + cmd
+    drop_caches()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    if r.returncode or not lines:
+        raise SystemExit(f"failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    res = json.loads(lines[-1])
+    med = {t: statistics.median(v) for t, v in res["times"].items()}
+    reads = ", ".join(f"{x:.2f}" for x in res["reads"])
+    rows = [f"target {a.target.name} ({a.dtype}), memcap {a.cap}, {a.rounds} rounds alternating sizes, "
+            f"{res['streamed_bytes'] / 1e9:.2f} GB streamed per pass" + (f"; disk floor (the same bytes read cold, 4 "
+            f"readers, each round): {reads} s" if reads else ""),
+            "", "| tree tokens T | median s per pass | all passes | vs plain step | compute floor (T+1 tokens at the measured matmul rate) |",
+            "|---|---|---|---|---|"]
+    for t, m in med.items():
+        floor = f"{res['compute_s'][t]:.2f} s" if t != "0" else ""
+        rows.append(f"| {t if t != '0' else 'plain step'} | {m:.2f} | {', '.join(f'{x:.2f}' for x in res['times'][t])} | "
+                    f"{m / med['0']:.2f} | {floor} |")
+    table = "\n".join(rows)
+    print(table)
+    if a.out:
+        a.out.write_text(table + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", type=Path)
@@ -99,6 +168,9 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (in bfloat16, near-ties between the "
                    "one-row decode kernels and the verification GEMM may flip a token)")
     p.add_argument("--memory-budget", help="the run's memory budget, target and draft together (default: the cap)")
+    p.add_argument("--pass-cost", metavar="T,T,...", help="instead: time verification passes of these tree sizes "
+                   "against plain decode steps, alternating, in one process")
+    p.add_argument("--rounds", type=int, default=3, help="with --pass-cost: passes of each size")
     p.add_argument("--out", type=Path)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--draft", help=argparse.SUPPRESS)
@@ -106,11 +178,13 @@ def main() -> None:
     p.add_argument("--oracle", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(worker(a)))
+        print(json.dumps(worker_passes(a) if a.pass_cost else worker(a)))
         return
     if a.ids is None:
         passage = [128000] + list(range(1000, 1012))
         a.ids = ",".join(map(str, passage + passage[1:]))
+    if a.pass_cost:
+        return pass_cost(a)
     plain = run(a, "plain", "1")
     if "error" in plain:
         raise SystemExit(f"plain run failed: {plain['error']}")
