@@ -16,19 +16,21 @@ import logging
 import os
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
+from . import openai_batch
 from .errors import StreamerError
 from .files import now, write_atomic
 from .generate import NOTHING, Sampler, SamplingParams, TextOut, chunk, step_of, verified
 from .speculative import add_draft_options, as_tree
 
 log = logging.getLogger(__name__)
-LINE_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+LINE_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "logprobs")
+MAX_N = 128  # completions per request
 CLI_FLAGS = {"max_seq_len": "--max-seq-len"}  # parameters a line cannot set: an error in them names the flag
 
 
@@ -38,6 +40,13 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     stop_text: list[str] = field(default_factory=list)
+    n: int = 1  # completions of this prompt
+
+
+class Choice(NamedTuple):
+    """The id of one of a request's n completions while it runs."""
+    id: object
+    index: int
 
 
 @dataclass
@@ -47,6 +56,7 @@ class Active:
     text: TextOut | None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # the K best per token, with logprobs=K
     pending: list[int] = field(default_factory=list)  # ids to feed at the next step
 
 
@@ -63,7 +73,37 @@ def make_request(engine, obj, rid, defaults: dict, seed: int) -> Request:
         opts["seed"] = zlib.crc32(json.dumps([seed, rid]).encode())
     params, stop_text = engine.sampling(**opts)
     engine.check_fits(len(ids), params.max_new_tokens)
-    return Request(rid, ids, params, stop_text)
+    n = obj.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise StreamerError(f"must be an integer from 1 to {MAX_N}, got {n!r}", param="n")
+    return Request(rid, ids, params, stop_text, n)
+
+
+def choices(req: Request) -> list[Request]:
+    """A request of n completions as n requests, each seeded apart (greedy ones come out the same)."""
+    if req.n == 1:
+        return [req]
+    return [Request(Choice(req.id, i), req.prompt, replace(req.params, seed=zlib.crc32(json.dumps([req.params.seed, i]).encode())),
+                    req.stop_text) for i in range(req.n)]
+
+
+def gather(records: Iterator[dict], n_of: dict, totals: dict) -> Iterator[dict]:
+    """Each request's record once all its completions are in: with n > 1, {"id", "choices": [...], "usage"}
+    (and in totals, one prompt of its prompt tokens, where run_batch counted n)."""
+    held: dict[str, list] = {}
+    for r in records:
+        if not isinstance(r["id"], Choice):
+            yield r
+            continue
+        rid, i = r["id"]
+        got = held.setdefault(key(rid), [None] * n_of[key(rid)])
+        got[i] = {k: v for k, v in r.items() if k not in ("id", "usage")}
+        if all(got):
+            del held[key(rid)]
+            totals["prompts"] -= len(got) - 1
+            totals["prompt_tokens"] -= (len(got) - 1) * r["usage"]["prompt_tokens"]
+            yield {"id": rid, "choices": got, "usage": {"prompt_tokens": r["usage"]["prompt_tokens"],
+                                                        "completion_tokens": sum(len(c["tokens"]) for c in got)}}
 
 
 def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=None, k: int = 0,
@@ -108,9 +148,10 @@ def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=N
                 totals["accepted"] += len(kept) - 1
                 cache.keep_rows(slot, starts[slot], kept)
             for lg, token in steps:
-                step = step_of(lg, 0, token)
+                step = step_of(lg, a.req.params.logprobs, token)
                 a.tokens.append(step.token)
                 a.logprobs.append(step.logprob)
+                a.top.append(step.top)
                 a.pending = [step.token]
                 reason = _finished(a, step.token)
                 if reason:
@@ -151,7 +192,8 @@ def _record(a: Active, reason: str) -> dict:
     if a.text:
         a.text.flush()
         text = a.text.text
-    return {"id": a.req.id, "text": text, "tokens": a.tokens, "logprobs": a.logprobs, "finish_reason": reason,
+    return {"id": a.req.id, "text": text, "tokens": a.tokens, "logprobs": a.logprobs,
+            **({"top_logprobs": a.top} if a.req.params.logprobs else {}), "finish_reason": reason,
             "usage": {"prompt_tokens": len(a.req.prompt), "completion_tokens": len(a.tokens)}}
 
 
@@ -179,6 +221,15 @@ def key(rid) -> str:
     return json.dumps(rid)
 
 
+def record_key(record: dict) -> str:
+    """The request a result line answers: its custom_id (OpenAI's format) or id."""
+    return key(record["custom_id"] if "custom_id" in record else record["id"])
+
+
+def failed(record: dict) -> bool:
+    return record.get("error") is not None
+
+
 class ResultLog:
     """The output JSONL: ids already done, a torn last line repaired, error records set aside to be retried,
     each new record appended durably."""
@@ -186,8 +237,8 @@ class ResultLog:
     def __init__(self, path: Path):
         self.path = Path(path)
         records = self._read() if self.path.exists() else []
-        kept = [r for r in records if "error" not in r]
-        self.done = {key(r["id"]) for r in kept}
+        kept = [r for r in records if not failed(r)]
+        self.done = {record_key(r) for r in kept}
         if len(kept) < len(records):  # ids whose only record is an error are retried: the new record replaces it
             write_atomic(self.path, b"".join((json.dumps(r) + "\n").encode() for r in kept))
         try:
@@ -207,7 +258,7 @@ class ResultLog:
         for line in data[:end].splitlines():
             try:
                 record = json.loads(line)
-                key(record["id"])
+                record_key(record)
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise StreamerError(f"{self.path}: a line is not a result record; refusing to append to it") from None
             records.append(record)
@@ -217,8 +268,8 @@ class ResultLog:
         self.f.write((json.dumps(record) + "\n").encode())  # one write per record, then fsync
         self.f.flush()
         os.fsync(self.f.fileno())
-        if "error" not in record:
-            self.done.add(key(record["id"]))
+        if not failed(record):
+            self.done.add(record_key(record))
 
     def close(self) -> None:
         self.f.close()
@@ -254,9 +305,25 @@ def main(args: argparse.Namespace) -> int:
     try:
         with Engine(args.model, args.memory_budget, args.dtype, max_seq_len=args.max_seq_len, draft=args.draft,
                     draft_tokens=args.draft_tokens, draft_branches=args.draft_branches) as engine:
+            openai = {}  # key(id) -> the OpenAI request line, whose result goes out in OpenAI's format
+
+            def write(record: dict, n: int | None = None) -> None:
+                if "error" in record and n is not None:
+                    record = {**record, "line": n, "error": f"line {n}: {record['error']}"}
+                obj = openai.get(key(record["id"]))
+                results.write(openai_batch.to_output(obj, record, args.model.name, engine.tokenizer) if obj else record)
+
             for n, obj, error in read_lines(args.prompts):
                 lines += 1
                 rid = obj.get("id", n) if obj is not None else n
+                if obj is not None and openai_batch.is_openai(obj):
+                    rid = obj["custom_id"]
+                    if key(rid) not in results.done and key(rid) not in line_of:
+                        openai[key(rid)] = obj
+                        try:
+                            obj = openai_batch.to_request(obj)
+                        except StreamerError as e:
+                            error = str(e)
                 if key(rid) in results.done:
                     skipped += 1
                 elif key(rid) in line_of:
@@ -264,7 +331,7 @@ def main(args: argparse.Namespace) -> int:
                                 "only the first is run")
                     skipped += 1
                 elif error:
-                    results.write({"id": rid, "line": n, "error": f"line {n}: {error}"})
+                    write({"id": rid, "error": error}, n)
                     errors += 1
                 else:
                     line_of[key(rid)] = n
@@ -273,14 +340,15 @@ def main(args: argparse.Namespace) -> int:
             totals, t0 = {}, now()
             for record in engine.batch(requests, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, totals=totals):
+                n = None
                 if "error" in record:
                     n, param = line_of[key(record["id"])], record.get("param")
                     message = record["error"]
                     if param in CLI_FLAGS:  # the run's options, not the line's, are at fault: name the flag
                         message = f"{CLI_FLAGS[param]} {message.removeprefix(param + ' ')}"
-                    record = {"id": record["id"], "line": n, "error": f"line {n}: {message}"}
+                    record = {"id": record["id"], "error": message}
                     errors += 1
-                results.write(record)
+                write(record, n)
                 bar.update(1)
                 bar.set_postfix_str(f"{totals.get('completion_tokens', 0)} tokens")
             bar.close()

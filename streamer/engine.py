@@ -255,7 +255,8 @@ class Engine:
               totals: dict | None = None) -> Iterator[dict]:
         """Run many requests, all active ones sharing each pass over the weights; yield each result as it
         finishes. A request is {"id", "prompt" | "messages" | "prompt_ids", and optionally max_new_tokens,
-        temperature, top_p, seed, stop}; the keyword arguments are the defaults. A request that cannot run
+        temperature, top_p, seed, stop, logprobs (K: also the K best tokens per step), n (completions: the result
+        then holds them as "choices")}; the keyword arguments are the defaults. A request that cannot run
         yields {"id", "error"} (with "param" where a parameter is at fault) and the others go on. `totals`
         (a dict) receives prompts, prompt and completion tokens, and steps (passes over the weights)."""
         if not isinstance(batch_size, int) or batch_size <= 0:
@@ -273,13 +274,16 @@ class Engine:
         totals.update(prompts=0, prompt_tokens=0, completion_tokens=0, steps=0)
         if not todo:
             return
+        n_of = {batching.key(r.id): r.n for r in todo if r.n > 1}
+        todo = [c for r in todo for c in batching.choices(r)]  # n completions run as n sequences
         slots = min(batch_size, len(todo))
         runner = self.runner(slots, max(len(r.prompt) + r.params.max_new_tokens for r in todo))
         cache = self.kv_cache(slots)
         drafter = self._drafter(slots)
         try:
-            yield from batching.run_batch(runner, cache, todo, self.tokenizer, totals, drafter, self.draft_tokens or 0,
-                                          self._pass_size() if drafter and not self.draft_tokens else None)
+            yield from batching.gather(batching.run_batch(
+                runner, cache, todo, self.tokenizer, totals, drafter, self.draft_tokens or 0,
+                self._pass_size() if drafter and not self.draft_tokens else None), n_of, totals)
         finally:
             cache.close()
             if self.draft and drafter:

@@ -70,14 +70,17 @@ class GenStats:
 
     @property
     def decode_s_per_token(self) -> float:
-        return sum(self.decode_s) / len(self.decode_s) if self.decode_s else 0.0
+        """Seconds per token after the first (which the prefill gives): the passes, and the drafting with a draft."""
+        return (sum(self.decode_s) + self.draft_s) / (self.completion_tokens - 1) if self.completion_tokens > 1 else 0.0
 
     def as_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "reused_prompt_tokens": self.reused_tokens,
                 "completion_tokens": self.completion_tokens, "prefill_s": self.prefill_s,
                 "decode_s_per_token": self.decode_s_per_token, "passes": self.passes, "tokens_run": self.tokens_run,
                 "bytes_read": self.bytes_read, "resident_bytes": self.resident_bytes, "memory": self.memory,
-                **({"drafted": self.drafted, "accepted": self.accepted, "draft_s": self.draft_s} if self.drafted else {})}
+                **({"drafted": self.drafted, "accepted": self.accepted, "draft_s": self.draft_s,
+                    "verify_s": sum(self.decode_s), "tokens_per_pass": self.completion_tokens / max(self.passes, 1)}
+                   if self.drafted else {})}
 
 
 class Sampler:

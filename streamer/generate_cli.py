@@ -28,7 +28,8 @@ def summary(stats: GenStats) -> str:
             f"decode {stats.decode_s_per_token:.3f} s/token, {stats.passes} passes over the weights, "
             f"read {stats.bytes_read / 1e9:.3f} GB{resident}" + (
                 f"; draft: {stats.accepted} of {stats.drafted} proposed tokens kept, "
-                f"{stats.completion_tokens / max(stats.passes, 1):.2f} tokens per pass, drafting {stats.draft_s:.2f} s"
+                f"{stats.completion_tokens / max(stats.passes, 1):.2f} tokens per pass, drafting {stats.draft_s:.2f} s, "
+                f"verifying {sum(stats.decode_s):.2f} s"
                 if stats.drafted else ""))
 
 

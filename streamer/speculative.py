@@ -10,6 +10,7 @@ continuations), or any object with propose(tokens, k) -> a Tree, or a list of up
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import math
 import time
@@ -207,8 +208,9 @@ def _flops_per_token(args) -> float:
     return 2.0 * (args.n_layers * block + args.dim * args.vocab_size)
 
 
+@functools.lru_cache(maxsize=None)
 def _matmul_rate(dim: int, dtype: torch.dtype, rows: int = 32) -> float:
-    """FLOP/s of [rows, dim] x [dim, dim] matmuls in dtype, the best of a few."""
+    """FLOP/s of [rows, dim] x [dim, dim] matmuls in dtype, the best of a few (measured once per process)."""
     x, w = torch.randn(rows, dim).to(dtype), torch.randn(dim, dim).to(dtype)
     best = float("inf")
     for _ in range(5):

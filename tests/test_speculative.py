@@ -97,10 +97,13 @@ def test_pass_size_follows_the_measured_read_time():
 
 def test_the_kv_cache_keeps_no_rejected_token(target, plain, tmp_path):
     """A kept cache holds the prompt and every output token but the last, as after plain decoding, and a
-    later prompt that extends the output resumes from it to the same tokens as a fresh run."""
+    later prompt that extends the output resumes from it to the same tokens as a fresh run (so the moved keys
+    and values are the right ones)."""
     out = [p.token for p in plain[0]]
     kv = tmp_path / "kv"
-    stream(target, PROMPT, 24, draft=make_split(tmp_path / "d", GQA, seed=7), draft_tokens=4, kv_dir=kv)
+    # every kept path leaves the first branch: its keys and values move up in the files on disk
+    pieces, _ = stream(target, PROMPT, 24, draft=OffBranch(out), draft_tokens=6, kv_dir=kv)
+    assert [p.token for p in pieces] == out
     held = json.loads((kv / "kv.json").read_text())["tokens"]
     assert held == [PROMPT + out[:-1]]
     longer = PROMPT + out + [11, 12]
