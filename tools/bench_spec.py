@@ -110,12 +110,11 @@ def worker_passes(a) -> dict:
             "streamed_bytes": sum(p.stat().st_size for p in streamed), "reads": reads}
 
 
-def run(a, draft: str, t: str, branches: int = 1, oracle: list[int] | None = None) -> dict:
-    cmd = [sys.executable, __file__, str(a.target), "--worker", "--draft", draft, "--t", t, "--branches", str(branches),
-           "--ids", a.ids,
-           "--tokens", str(a.tokens), "--dtype", a.dtype] + (["--memory-budget", a.memory_budget] if a.memory_budget else [])
-    if oracle is not None:
-        cmd += ["--oracle", json.dumps(oracle)]
+def worker_run(a, extra: list[str]) -> dict:
+    """One worker process (this script with --worker and `extra`) under the cap, the page cache dropped first:
+    its JSON line, or {"error"} with its last line of stderr."""
+    cmd = [sys.executable, __file__, str(a.target), "--worker", *extra, "--ids", a.ids, "--dtype", a.dtype]
+    cmd += ["--memory-budget", a.memory_budget] if a.memory_budget else []
     if a.cap != "none":
         cmd = MEMCAP + [a.cap, "--"] + cmd
     drop_caches()
@@ -126,19 +125,17 @@ def run(a, draft: str, t: str, branches: int = 1, oracle: list[int] | None = Non
     return json.loads(lines[-1])
 
 
+def run(a, draft: str, t: str, branches: int = 1, oracle: list[int] | None = None) -> dict:
+    return worker_run(a, ["--draft", draft, "--t", t, "--branches", str(branches), "--tokens", str(a.tokens)]
+                      + (["--oracle", json.dumps(oracle)] if oracle is not None else []))
+
+
 def pass_cost(a) -> None:
     """The --pass-cost table: each size's median pass against the plain step's, and its compute floor."""
     import statistics
-    cmd = [sys.executable, __file__, str(a.target), "--worker", "--pass-cost", a.pass_cost, "--rounds", str(a.rounds),
-           "--ids", a.ids, "--dtype", a.dtype] + (["--memory-budget", a.memory_budget] if a.memory_budget else [])
-    if a.cap != "none":
-        cmd = MEMCAP + [a.cap, "--"] + cmd
-    drop_caches()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
-    if r.returncode or not lines:
-        raise SystemExit(f"failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-    res = json.loads(lines[-1])
+    res = worker_run(a, ["--pass-cost", a.pass_cost, "--rounds", str(a.rounds)])
+    if "error" in res:
+        raise SystemExit(f"failed: {res['error']}")
     med = {t: statistics.median(v) for t, v in res["times"].items()}
     reads = ", ".join(f"{x:.2f}" for x in res["reads"])
     rows = [f"target {a.target.name} ({a.dtype}), memcap {a.cap}, {a.rounds} rounds alternating sizes, "
