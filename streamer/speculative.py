@@ -166,6 +166,8 @@ class ModelDraft:
         if slot not in self.last:
             return
         base, tree, choices = self.last.pop(slot)
+        if list(tokens[:base]) != self.cache.tokens[slot][:base]:  # another sequence now holds the slot
+            return
         kids = tree.children()
         node = -1
         for t in tokens[base:]:
