@@ -1,5 +1,7 @@
 """Bad input and faults through the CLI: non-zero exit, one line naming the problem, no traceback,
-and nothing left behind that looks complete."""
+and nothing left behind that looks complete. The commands run in this process where they can (see cli)."""
+import contextlib
+import io
 import json
 import os
 import resource
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from conftest import GQA, make_split
+from streamer.cli import main as cli_main
 from streamer.layout import MANIFEST
 from streamer.split import PARTIAL
 from streamer.synthetic import write_checkpoint
@@ -22,13 +25,29 @@ from streamer.synthetic import write_checkpoint
 BIG = {**GQA, "dim": 256, "n_layers": 8, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 4096}
 
 
-def cli(*args, limit_file_size=None, timeout=300):
+def cli(*args, limit_file_size=None, timeout=300, process=False):
+    """`streamer ARGS`, in this process: a new one spends 2 s importing torch, and these tests check what the
+    command answers, not how a process ends (test_cli.py runs the real command line). A subprocess where a
+    file size limit must apply, or where the test reads the library's logged warnings (process=True)."""
+    if limit_file_size is None and not process:
+        return in_process(*args)
+
     def preexec():
         if limit_file_size is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
     return subprocess.run([sys.executable, "-m", "streamer", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, preexec_fn=preexec)
+
+
+def in_process(*args) -> subprocess.CompletedProcess:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli_main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def fails(r, *words):
@@ -91,7 +110,7 @@ def test_wrong_shape(tmp_path, meta):
 
 def test_unknown_key_is_skipped_with_a_warning(tmp_path, meta):
     _resave(meta, lambda s: s.update({"rope.freqs": torch.zeros(4)}))
-    r = cli("split", meta, tmp_path / "out", "--quiet")
+    r = cli("split", meta, tmp_path / "out", "--quiet", process=True)
     assert r.returncode == 0 and "rope.freqs" in r.stderr
 
 
