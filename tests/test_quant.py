@@ -7,12 +7,13 @@ import torch
 from conftest import GQA, STORIES, make_split, stream
 from streamer import MemoryKVCache, ModelFiles, Runner
 from streamer.layout import MANIFEST
-from streamer.quant import Int4Weight, Int8Weight, int4_group, qlinear, quantize
+from streamer.quant import (Int4Weight, Int8Weight, dequantize_int4, int4_codes, int4_group, int4_layout_known, qlinear,
+                            quantize)
 from streamer.split import split
 
 
 @pytest.mark.parametrize("scheme,bound", [("int8", 0.01), ("int4", 0.12)])
-@pytest.mark.parametrize("rows", [3, 40])  # int8: torch's kernel below INT8_DEQUANT_ROWS, converted codes from there
+@pytest.mark.parametrize("rows", [3, 40, 300])  # torch's kernels below INT8/INT4_DEQUANT_ROWS, converted codes from there
 @pytest.mark.parametrize("width", [512, 172])  # 172 (stories260K's FFN) crashed torch's int8 kernel at 2+ rows
 def test_kernels_on_quantized_codes(scheme, bound, rows, width):
     torch.manual_seed(0)
@@ -25,6 +26,20 @@ def test_kernels_on_quantized_codes(scheme, bound, rows, width):
         if isinstance(qw, Int8Weight):  # both paths compute the same product of the codes
             exact = x.to(dt).float() @ (qw.q.float() * qw.scale[:, None]).T
             assert (y - exact).norm() / exact.norm() < (1e-6 if dt == torch.float32 else 1e-2)
+        else:  # the unpacked codes give what torch's kernel gives, row for row
+            kernel = torch._weight_int4pack_mm_for_cpu(x.to(dt), qw.packed, qw.group, qw.sz.to(dt)).float()
+            assert (y - kernel).norm() / kernel.norm() < (1e-5 if dt == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("out", [16, 48, 64, 80, 192])  # blocks of 64 rows, and tails
+def test_int4_codes_unpack_torchs_layout(out):
+    assert int4_layout_known()
+    q = torch.randint(0, 16, (out, 128), dtype=torch.int32)
+    assert torch.equal(int4_codes(torch._convert_weight_to_int4pack_for_cpu(q, 1), out, 128).to(torch.int32), q)
+    w = quantize(torch.randn(out, 128), "int4")
+    codes = int4_codes(w.packed, out, 128).float().view(out, 2, 64)
+    want = ((codes - 8) * w.sz[..., 0].T[..., None] + w.sz[..., 1].T[..., None]).view(out, 128)
+    torch.testing.assert_close(dequantize_int4(w, torch.float32), want)
 
 
 def teacher_forced_logits(folder, seq):
