@@ -2,7 +2,8 @@
 
 Sequences share every block read: each step packs the new tokens of all active sequences (whole prompts
 for those just admitted, one token for the rest) into one forward pass. A finished sequence frees its KV
-slot at once and the next waiting prompt takes it.
+slot at once and the next waiting prompt takes it. A prompt that starts with whole 16-token blocks of one
+already computed (a shared system prompt, n completions of one prompt) copies their keys and values.
 
 `streamer batch MODEL prompts.jsonl --out results.jsonl` appends each result and fsyncs it the moment it
 finishes. A rerun skips the ids already done, retries those whose only record is an error (the new record
@@ -114,14 +115,27 @@ def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=N
     waiting = list(reversed(requests))
     free = list(range(cache.slots - 1, -1, -1))
     active: dict[int, Active] = {}
-    totals.update(drafted=0, accepted=0, draft_s=0.0)
+    held = PrefixIndex()  # prompts whose keys and values are in the cache, by block prefix
+    totals.update(drafted=0, accepted=0, draft_s=0.0, shared_prompt_tokens=0)
     while waiting or active:
+        admitted = PrefixIndex()  # this step's prompts, not yet computed
         while free and waiting:
-            slot, req = free.pop(), waiting.pop()
-            cache.tokens[slot] = []
+            req = waiting[-1]
+            src, n = held.longest(req.prompt, cache.tokens)
+            if admitted.longest(req.prompt, {s: active[s].req.prompt for s in admitted.slots})[1] > n:
+                break  # a prompt admitted now shares more of it: wait one step and copy that one's cache
+            slot = free.pop()
+            waiting.pop()
+            held.drop(slot)
+            n = min(n, len(req.prompt) - 1)  # the last prompt token always runs: its logits start decoding
             cache.reserve(slot, len(req.prompt) + req.params.max_new_tokens - 1)
+            if n and src != slot:
+                cache.copy_prefix(src, slot, n)
+            cache.tokens[slot] = cache.tokens[slot][:n]
+            totals["shared_prompt_tokens"] += n
             text = TextOut(tok, req.stop_text) if tok else None
-            active[slot] = Active(req, Sampler(req.params), text, pending=list(req.prompt))
+            active[slot] = Active(req, Sampler(req.params), text, pending=list(req.prompt[n:]))
+            admitted.add(slot, req.prompt)
         slots = sorted(active)
         prefill = any(len(active[s].pending) > 1 for s in slots)
         t0 = now()
@@ -142,6 +156,8 @@ def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=N
         totals["steps"] += 1
         for slot in slots:
             a, tree = active[slot], trees[slot]
+            if not a.tokens:  # its prompt is now all in the cache: later prompts may share it
+                held.add(slot, a.req.prompt)
             steps, kept = verified(rows[slot], tree, a.sampler)
             if tree.tokens:
                 totals["drafted"] += len(tree.tokens)
@@ -162,6 +178,49 @@ def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=N
                     free.append(slot)
                     yield _record(a, reason)
                     break
+
+
+class PrefixIndex:
+    """Which slot's KV cache holds a prompt's first BLOCK, 2 BLOCK, ... tokens, keyed by a hash chained over
+    the blocks: a prompt admitted later copies the longest such prefix instead of recomputing it (its keys and
+    values at the same positions are the same). Matches are checked token for token."""
+    BLOCK = 16
+
+    def __init__(self):
+        self.where: dict[int, int] = {}
+        self.keys: dict[int, list[int]] = {}
+
+    @property
+    def slots(self):
+        return self.keys.keys()
+
+    def _chain(self, tokens):
+        h = 0
+        for k in range(len(tokens) // self.BLOCK):
+            h = hash((h, tuple(tokens[k * self.BLOCK:(k + 1) * self.BLOCK])))
+            yield (k + 1) * self.BLOCK, h
+
+    def add(self, slot: int, tokens) -> None:
+        for _, h in self._chain(tokens):
+            self.where.setdefault(h, slot)
+            self.keys.setdefault(slot, []).append(h)
+
+    def drop(self, slot: int) -> None:
+        """The slot is taken by another sequence: its prefixes go."""
+        for h in self.keys.pop(slot, []):
+            if self.where.get(h) == slot:
+                del self.where[h]
+
+    def longest(self, tokens, held) -> tuple[int | None, int]:
+        """(slot, n): the slot whose held tokens (held[slot]) start with the longest run of whole blocks of
+        `tokens`, and that run's length; (None, 0) when none does."""
+        best = (None, 0)
+        for n, h in self._chain(tokens):
+            slot = self.where.get(h)
+            if slot is None or list(held[slot][:n]) != list(tokens[:n]):
+                break
+            best = (slot, n)
+        return best
 
 
 def _propose(draft, active: dict, slots: list[int], k: int, size, runner) -> dict:
@@ -359,7 +418,9 @@ def main(args: argparse.Namespace) -> int:
     done = totals.get("prompts", 0)
     print(f"batch: {done} done, {errors} failed, {skipped} already in {args.out}; {totals.get('completion_tokens', 0)} "
           f"tokens in {secs:.1f} s ({totals.get('completion_tokens', 0) / max(secs, 1e-9):.2f} tokens/s, "
-          f"{totals.get('steps', 0)} steps{_draft_summary(totals)}); {report.summary()}", file=sys.stderr)
+          f"{totals.get('steps', 0)} steps{_draft_summary(totals)}"
+          + (f"; {totals['shared_prompt_tokens']} prompt tokens copied from shared prefixes, not recomputed"
+             if totals.get("shared_prompt_tokens") else "") + f"); {report.summary()}", file=sys.stderr)
     if errors:
         print(f"batch: {errors} line(s) failed: their error records are in {args.out}; fix them and rerun to retry them",
               file=sys.stderr)

@@ -91,6 +91,7 @@ class Plan:
     kv_ram: int = 0  # the whole KV cache, when it fits beside the weights: kept in RAM (else on disk)
     mapped: bool = False  # resident files as their mapped file pages (no memory cgroup), else private copies
     draft: int = 0  # a speculative draft model kept in RAM beside it: weights, activations, KV (draft_bytes)
+    kv_slots: int = 0  # sequences whose whole KV cache is in RAM (kv_ram); the others' is on disk
 
     def runner_kwargs(self) -> dict:
         return {"ring_bytes": self.ring_bytes, "resident": self.resident, "max_pass_tokens": self.max_pass_tokens,
@@ -134,7 +135,7 @@ def draft_bytes(files: ModelFiles, context: int, batch: int = 1) -> int:
 def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: int = 2048,
          keep_resident: bool = True, draft: ModelFiles | None = None) -> Plan:
     """Split `budget` (default: the available memory) into activations, the ring and resident files, and keep
-    the whole KV cache in RAM when it fits in what they leave; refuse, naming what does not fit, when it cannot
+    the whole KV cache in RAM when it fits in what they leave, else as many sequences' as fit; refuse, naming what does not fit, when it cannot
     work. keep_resident=False streams every file. A draft model (speculative decoding) is kept whole in RAM and
     takes its share first."""
     budget = available_memory() if budget is None else budget
@@ -174,11 +175,14 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
     resident.sort(key=names.index)
     streamed = sum(sizes[n] for n in names if n not in resident)
     left = spare - ring - sum(sizes[n] for n in resident)
-    kv_ram = a.n_layers * kv_block if keep_resident and a.n_layers * kv_block <= left else 0
+    per_slot = a.n_layers * kv_block // batch  # one sequence's whole KV cache
+    kv_slots = min(batch, max(left, 0) // per_slot) if keep_resident else 0  # as many sequences' as fit, in RAM
+    kv_ram = kv_slots * per_slot
     # Resident files: under a memory cgroup, private copies, which the kernel cannot drop, so the budget holds
     # honestly; with none, the files' own mapped pages: loading costs one cold read instead of two to six
     mapped = cgroup_limit() is None
-    return Plan(budget, batch, context, ring, resident, tokens, act, kv_block, code, streamed, sizes, kv_ram, mapped, held)
+    return Plan(budget, batch, context, ring, resident, tokens, act, kv_block, code, streamed, sizes, kv_ram, mapped, held,
+                kv_slots)
 
 
 def measure_disk(files: ModelFiles, nbytes: int = 1 << 30) -> float:
@@ -228,8 +232,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"  read per step    {p.bytes_per_step / 1e9:.2f} GB; prefill passes of up to {p.max_pass_tokens} tokens")
     if draft:
         print(f"  draft model      {draft.folder.name}, whole in RAM: {mib(p.draft)} (weights, activations, KV)")
-    print(f"  KV cache         " + (f"in RAM ({mib(p.kv_ram)})" if p.kv_ram else
-                                    f"on disk ({mib(files.args.n_layers * p.kv_block)}), one block's in RAM at a time"))
+    whole = files.args.n_layers * p.kv_block
+    print(f"  KV cache         " + (f"in RAM ({mib(p.kv_ram)})" if p.kv_slots == p.batch else
+                                    f"{p.kv_slots} of {p.batch} sequences' in RAM ({mib(p.kv_ram)}), the rest on disk "
+                                    f"({mib(whole - p.kv_ram)}), one block's in RAM at a time" if p.kv_slots else
+                                    f"on disk ({mib(whole)}), one block's in RAM at a time"))
     print(f"  disk-bound floor {p.bytes_per_step / 1e9 / gbps:.2f} s per decode step at {gbps:.2f} GB/s"
           + ("" if args.disk_gbps else " (measured)"))
     return 0

@@ -23,7 +23,7 @@ from . import batch as batching, kernels, speculative
 from .budget import Plan, parse_size, plan
 from .errors import StreamerError
 from .generate import GenStats, SamplingParams, TextOut, check_prompt, generate as decode
-from .kvcache import DiskKVCache, KVCache, MemoryKVCache
+from .kvcache import DiskKVCache, KVCache, MemoryKVCache, SplitKVCache
 from .layout import ModelFiles
 from .memory import MemoryMonitor, MemoryReport
 from .runner import Runner
@@ -194,12 +194,16 @@ class Engine:
 
     def kv_cache(self, slots: int, kv_dir: str | Path | None = None) -> KVCache:
         """A KV cache for `slots` sequences: in RAM when the plan has room for it all (sized to the plan's context),
-        else on disk, up to max_seq_len tokens each, kept in kv_dir (always on disk, to resume from) or temporary."""
-        if (kv_dir is None and self.kv_placement == "auto" and self.plan is not None and self.plan.kv_ram
-                and slots <= self.plan.batch):
+        else as many sequences' in RAM as it has room for and the others' on disk, or all on disk, up to max_seq_len tokens each, kept in kv_dir (always on disk, to resume from) or temporary."""
+        ram = (self.plan.kv_slots if kv_dir is None and self.kv_placement == "auto" and self.plan is not None
+               and slots <= self.plan.batch else 0)
+        if ram >= slots:
             return MemoryKVCache(self.args, slots, min(self.plan.context, self.max_seq_len), self.dtype)
-        return DiskKVCache(self.args, slots, self.max_seq_len, self.dtype, self.files.manifest_sha256,
+        disk = DiskKVCache(self.args, slots - ram, self.max_seq_len, self.dtype, self.files.manifest_sha256,
                            Path(kv_dir).expanduser() if kv_dir is not None else None)
+        if ram:  # as many sequences' rows in RAM as the plan has room for, the others' on disk
+            return SplitKVCache(MemoryKVCache(self.args, ram, min(self.plan.context, self.max_seq_len), self.dtype), disk)
+        return disk
 
     def stream(self, prompt: str | None = None, *, prompt_ids: Sequence[int] | None = None,
                messages: Sequence[dict] | None = None, chat: bool = False, system: str | None = None,
@@ -258,7 +262,8 @@ class Engine:
         temperature, top_p, seed, stop, logprobs (K: also the K best tokens per step), n (completions: the result
         then holds them as "choices")}; the keyword arguments are the defaults. A request that cannot run
         yields {"id", "error"} (with "param" where a parameter is at fault) and the others go on. `totals`
-        (a dict) receives prompts, prompt and completion tokens, and steps (passes over the weights)."""
+        (a dict) receives prompts, prompt and completion tokens, steps (passes over the weights), prompt tokens
+        copied from shared prefixes rather than recomputed, and with a draft its figures."""
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise StreamerError(f"must be a positive integer, got {batch_size!r}", param="batch_size")
         defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stop}

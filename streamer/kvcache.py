@@ -76,6 +76,15 @@ class KVCache:
         self.tokens[slot] = held[:start] + [held[start + r] for r in rows]
         self.commit()
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Give slot dst the first n positions of slot src (a prompt prefix both share)."""
+        for i in range(self.args.n_layers):
+            kv = torch.empty(2, n, self.args.n_kv_heads, self.args.head_dim, dtype=self.dtype)
+            self._read(i, src, 0, n, kv)
+            self._write(i, dst, 0, kv)
+            self._done(i)
+        self.tokens[dst] = self.tokens[src][:n]
+
     def reserve(self, slot: int, length: int) -> None:
         """Make room for `length` positions in `slot` before any work starts."""
         if length > self.max_seq:
@@ -101,6 +110,37 @@ class MemoryKVCache(KVCache):
 
     def _write(self, i, slot, start, new):
         self.layers[i][:, slot, start:start + new.shape[1]] = new
+
+
+class SplitKVCache(KVCache):
+    """The first `ram_slots` slots' keys and values in RAM, the other slots' on disk (a temporary DiskKVCache):
+    what the plan places when the whole cache does not fit the budget but some sequences' rows do."""
+
+    def __init__(self, ram: MemoryKVCache, disk: "DiskKVCache"):
+        super().__init__(ram.args, ram.slots + disk.slots, min(ram.max_seq, disk.max_seq), ram.dtype)
+        self.ram, self.disk = ram, disk
+
+    def _part(self, slot: int) -> tuple[KVCache, int]:
+        return (self.ram, slot) if slot < self.ram.slots else (self.disk, slot - self.ram.slots)
+
+    def _read(self, i, slot, begin, end, out):
+        cache, s = self._part(slot)
+        cache._read(i, s, begin, end, out)
+
+    def _write(self, i, slot, start, new):
+        cache, s = self._part(slot)
+        cache._write(i, s, start, new)
+
+    def _done(self, i):
+        self.disk._done(i)
+
+    def reserve(self, slot, length):
+        super().reserve(slot, length)
+        cache, s = self._part(slot)
+        cache.reserve(s, length)
+
+    def close(self):
+        self.disk.close()
 
 
 class DiskKVCache(KVCache):

@@ -158,3 +158,24 @@ def test_sampling_is_reproducible_per_prompt_whatever_the_batch(tmp_path):
     a, _ = run(folder, lines, batch_size=1)
     b, _ = run(folder, list(reversed(lines)), batch_size=4)
     assert {k: v["tokens"] for k, v in a.items()} == {k: v["tokens"] for k, v in b.items()}
+
+
+def test_shared_prefixes_are_computed_once(tmp_path):
+    """Prompts that share a long prefix (a system prompt), and n > 1 completions of one prompt, copy its keys
+    and values from the slot that computed them: the same tokens and logprobs as single runs, in RAM and on
+    disk, with the shared tokens counted."""
+    folder = make_split(tmp_path, GQA)
+    r = random.Random(1)
+    system = [r.randrange(GQA["vocab_size"]) for _ in range(40)]
+    lines = [{"id": f"s{i}", "prompt_ids": system + [r.randrange(GQA["vocab_size"]) for _ in range(r.randrange(1, 9))],
+              "max_new_tokens": 6} for i in range(5)]
+    lines.append({"id": "short", "prompt_ids": system[:20], "max_new_tokens": 4})  # a prefix of the others
+    for kv in ("auto", "disk"):
+        totals = {}
+        with Engine(folder, dtype="float32", max_seq_len=256, kv_cache=kv) as engine:
+            results = {x["id"]: x for x in engine.batch(lines + [{**lines[0], "id": "twice", "n": 2}], batch_size=3,
+                                                        totals=totals)}
+        assert_equal_to_single_runs(folder, lines, results)
+        assert [c["tokens"] for c in results["twice"]["choices"]] == [results["s0"]["tokens"]] * 2
+        # s0 computes the 32 tokens of whole blocks; the others copy them (short: its 16, less its last token's block)
+        assert totals["shared_prompt_tokens"] >= 32 * 4 + 16, totals

@@ -6,6 +6,7 @@ import torch
 
 from conftest import assert_logprobs_close, GQA, SCALED, make_split, stream
 from streamer import DiskKVCache, Engine, MemoryKVCache, ModelFiles, Runner, StreamerError
+from streamer.kvcache import SplitKVCache
 from streamer.budget import BASELINE, plan
 
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93]
@@ -48,6 +49,26 @@ def test_kv_placement_does_not_change_the_output(tmp_path):
     files = ModelFiles(folder)
     tight = plan(files, BASELINE + (40 << 20), context=4096)  # the weights take what is left: KV on disk
     assert tight.kv_ram == 0 and plan(files, 8 << 30, context=4096).kv_ram == GQA["n_layers"] * tight.kv_block
+
+
+def test_kv_cache_split_between_ram_and_disk(tmp_path):
+    """A budget with room for some sequences' KV cache keeps theirs in RAM and the rest on disk: the batch's
+    tokens and logprobs are those of single runs."""
+    folder = make_split(tmp_path, GQA)
+    files = ModelFiles(folder)
+    context = len(PROMPT) + 8  # what Engine.batch plans for these lines
+    whole = plan(files, 8 << 30, batch=4, context=context)
+    per_slot = whole.kv_ram // 4
+    two = plan(files, whole.predicted_peak - 2 * per_slot + per_slot // 2, batch=4, context=context)
+    assert (two.kv_slots, two.kv_ram, two.resident) == (2, 2 * per_slot, whole.resident)
+    lines = [{"id": i, "prompt_ids": PROMPT[i:] + PROMPT[:i], "max_new_tokens": 8} for i in range(6)]
+    with Engine(folder, two.budget, dtype="float32", max_seq_len=64) as engine:
+        results = {r["id"]: r for r in engine.batch(lines, batch_size=4)}
+        assert engine.plan.kv_slots == 2 and isinstance(engine.kv_cache(4), SplitKVCache)
+    for line in lines:
+        single, _ = stream(folder, line["prompt_ids"], 8)
+        assert results[line["id"]]["tokens"] == [p.token for p in single]
+        assert_logprobs_close(results[line["id"]]["logprobs"], [p.logprob for p in single])
 
 
 def test_resume_from_kept_cache(tmp_path):
