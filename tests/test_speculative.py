@@ -204,3 +204,19 @@ def test_batch_with_a_draft_gives_the_batch_without(target, tmp_path):
                               [x for i in sorted(plain) for x in plain[i]["logprobs"]])
         assert totals["drafted"] > 0 and totals["accepted"] <= totals["drafted"]
     assert totals["accepted"] == totals["drafted"]  # the target as its own chain draft: all kept
+
+
+@pytest.mark.parametrize("scheme,branches", [("int8", 4), ("int4", 1)])
+def test_a_real_draft_on_a_trained_model(tmp_path, scheme, branches):
+    """stories260K (trained) with its own quantized split as the draft, as a tree and as a chain: plain greedy's
+    tokens and logprobs, and most proposals kept."""
+    from conftest import STORIES
+    from streamer.split import split
+    split(STORIES, tmp_path / "f32", dtype="float32")
+    split(STORIES, tmp_path / scheme, quantize=scheme)
+    want, _ = stream(tmp_path / "f32", [1, 403, 407], 40)
+    got, stats = stream(tmp_path / "f32", [1, 403, 407], 40, draft=tmp_path / scheme, draft_tokens=8,
+                        draft_branches=branches)
+    assert [p.token for p in got] == [p.token for p in want]
+    assert_logprobs_close([p.logprob for p in got], [p.logprob for p in want])
+    assert stats.accepted > stats.drafted / 2 and stats.completion_tokens / stats.passes > 3
