@@ -17,17 +17,16 @@ import logging
 import os
 import sys
 import zlib
+from itertools import accumulate
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-import torch
-
 from . import openai_batch
 from .errors import StreamerError
 from .files import now, write_atomic
-from .generate import NOTHING, Sampler, SamplingParams, TextOut, chunk, step_of, verified
-from .speculative import add_draft_options, as_tree
+from .generate import Sampler, SamplingParams, TextOut, chunk, step_of, verified
+from .speculative import NOTHING, add_draft_options, propose
 
 log = logging.getLogger(__name__)
 LINE_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "logprobs")
@@ -89,22 +88,22 @@ def choices(req: Request) -> list[Request]:
 
 
 def gather(records: Iterator[dict], n_of: dict, totals: dict) -> Iterator[dict]:
-    """Each request's record once all its completions are in: with n > 1, {"id", "choices": [...], "usage"}
-    (and in totals, one prompt of its prompt tokens, where run_batch counted n)."""
+    """Each request's record once all its completions are in: with n > 1, {"id", "choices": [...], "usage"};
+    counted in totals as one prompt."""
     held: dict[str, list] = {}
     for r in records:
-        if not isinstance(r["id"], Choice):
-            yield r
-            continue
-        rid, i = r["id"]
-        got = held.setdefault(key(rid), [None] * n_of[key(rid)])
-        got[i] = {k: v for k, v in r.items() if k not in ("id", "usage")}
-        if all(got):
+        if isinstance(r["id"], Choice):
+            rid, i = r["id"]
+            got = held.setdefault(key(rid), [None] * n_of[key(rid)])
+            got[i] = {k: v for k, v in r.items() if k not in ("id", "usage")}
+            if not all(got):
+                continue
             del held[key(rid)]
-            totals["prompts"] -= len(got) - 1
-            totals["prompt_tokens"] -= (len(got) - 1) * r["usage"]["prompt_tokens"]
-            yield {"id": rid, "choices": got, "usage": {"prompt_tokens": r["usage"]["prompt_tokens"],
-                                                        "completion_tokens": sum(len(c["tokens"]) for c in got)}}
+            r = {"id": rid, "choices": got, "usage": {"prompt_tokens": r["usage"]["prompt_tokens"],
+                                                      "completion_tokens": sum(len(c["tokens"]) for c in got)}}
+        totals["prompts"] += 1
+        totals["prompt_tokens"] += r["usage"]["prompt_tokens"]
+        yield r
 
 
 def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=None, k: int = 0,
@@ -118,11 +117,11 @@ def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=N
     held = PrefixIndex()  # prompts whose keys and values are in the cache, by block prefix
     totals.update(drafted=0, accepted=0, draft_s=0.0, shared_prompt_tokens=0)
     while waiting or active:
-        admitted = PrefixIndex()  # this step's prompts, not yet computed
+        admitted, prompts = PrefixIndex(), {}  # this step's prompts, not yet computed
         while free and waiting:
             req = waiting[-1]
             src, n = held.longest(req.prompt, cache.tokens)
-            if admitted.longest(req.prompt, {s: active[s].req.prompt for s in admitted.slots})[1] > n:
+            if admitted.longest(req.prompt, prompts)[1] > n:
                 break  # a prompt admitted now shares more of it: wait one step and copy that one's cache
             slot = free.pop()
             waiting.pop()
@@ -136,6 +135,7 @@ def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=N
             text = TextOut(tok, req.stop_text) if tok else None
             active[slot] = Active(req, Sampler(req.params), text, pending=list(req.prompt[n:]))
             admitted.add(slot, req.prompt)
+            prompts[slot] = req.prompt
         slots = sorted(active)
         prefill = any(len(active[s].pending) > 1 for s in slots)
         t0 = now()
@@ -146,7 +146,7 @@ def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=N
         if any(t.tokens for t in trees.values()):  # every pass in one: a row of logits per checked token
             chunks = [chunk(s, active[s].pending[0], trees[s], starts[s]) for s in slots]
             logits = runner.forward(chunks, cache, phase="decode", every=True)
-            bounds = torch.tensor([0] + [len(c[1]) for c in chunks]).cumsum(0).tolist()
+            bounds = list(accumulate((len(c[1]) for c in chunks), initial=0))
             rows = {s: logits[bounds[i]:bounds[i + 1]] for i, s in enumerate(slots)}
         else:
             logits = runner.forward([(s, active[s].pending) for s in slots], cache, phase="prefill" if prefill else "decode")
@@ -171,8 +171,6 @@ def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=N
                 a.pending = [step.token]
                 reason = _finished(a, step.token)
                 if reason:
-                    totals["prompts"] += 1
-                    totals["prompt_tokens"] += len(a.req.prompt)
                     totals["completion_tokens"] += len(a.tokens)
                     del active[slot]
                     free.append(slot)
@@ -189,10 +187,6 @@ class PrefixIndex:
     def __init__(self):
         self.where: dict[int, int] = {}
         self.keys: dict[int, list[int]] = {}
-
-    @property
-    def slots(self):
-        return self.keys.keys()
 
     def _chain(self, tokens):
         h = 0
@@ -213,14 +207,15 @@ class PrefixIndex:
 
     def longest(self, tokens, held) -> tuple[int | None, int]:
         """(slot, n): the slot whose held tokens (held[slot]) start with the longest run of whole blocks of
-        `tokens`, and that run's length; (None, 0) when none does."""
+        `tokens`, and that run's length; (None, 0) when none does. A chain's hash covers every block before,
+        so the slot holding the longest run holds the shorter ones too: only that one is checked."""
         best = (None, 0)
         for n, h in self._chain(tokens):
-            slot = self.where.get(h)
-            if slot is None or list(held[slot][:n]) != list(tokens[:n]):
+            if h not in self.where:
                 break
-            best = (slot, n)
-        return best
+            best = (self.where[h], n)
+        slot, n = best
+        return best if n and list(held[slot][:n]) == list(tokens[:n]) else (None, 0)
 
 
 def _propose(draft, active: dict, slots: list[int], k: int, size, runner) -> dict:
@@ -231,8 +226,7 @@ def _propose(draft, active: dict, slots: list[int], k: int, size, runner) -> dic
     for s in slots:
         a = active[s]
         limit = min(each, a.req.params.max_new_tokens - len(a.tokens) - 1)
-        trees[s] = (as_tree(draft.propose(a.req.prompt + a.tokens, limit, s), runner.args.vocab_size, limit)
-                    if limit > 0 else NOTHING)
+        trees[s] = propose(draft, a.req.prompt + a.tokens, limit, s, runner.args.vocab_size)
     return trees
 
 

@@ -223,7 +223,7 @@ class Engine:
         text = TextOut(self.tokenizer, stop_text) if self.tokenizer else None
         drafter = self._drafter(1)
         steps = decode(runner, cache, ids, params, stats, draft=drafter, k=self.draft_tokens or 0,
-                       size=self._pass_size() if drafter and not self.draft_tokens else None)
+                       size=self._pass_size(drafter))
         try:
             for step in steps:
                 out, hit = ("", False) if text is None or step.token in params.stop_ids else text.feed(step.token)
@@ -288,7 +288,7 @@ class Engine:
         try:
             yield from batching.gather(batching.run_batch(
                 runner, cache, todo, self.tokenizer, totals, drafter, self.draft_tokens or 0,
-                self._pass_size() if drafter and not self.draft_tokens else None), n_of, totals)
+                self._pass_size(drafter)), n_of, totals)
         finally:
             cache.close()
             if self.draft and drafter:
@@ -301,8 +301,9 @@ class Engine:
             return speculative.ModelDraft(self.draft, self.plan.context, slots, self.draft_branches)
         return self.drafter
 
-    def _pass_size(self) -> speculative.PassSize:
-        return speculative.PassSize(self.args, self.dtype)
+    def _pass_size(self, drafter) -> speculative.PassSize | None:
+        """With a drafter and no draft_tokens given: what picks the draft tokens per pass from measured costs."""
+        return speculative.PassSize(self.args, self.dtype) if drafter and not self.draft_tokens else None
 
     # --- the rest -----------------------------------------------------------------------------------------
     def memory(self) -> MemoryReport:

@@ -11,7 +11,7 @@ from .errors import StreamerError
 from .kvcache import KVCache
 from .files import now
 from .runner import Runner
-from .speculative import PassSize, Tree, as_tree, tree_layout
+from .speculative import NOTHING, PassSize, Tree, propose, tree_layout
 from .tokenizer import STOP_IDS
 
 
@@ -101,11 +101,6 @@ class Sampler:
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
             probs /= probs.sum()
         return probs
-
-    def __call__(self, logits: torch.Tensor) -> Step:
-        if self.p.temperature == 0:
-            return step_of(logits, self.p.logprobs)
-        return step_of(logits, self.p.logprobs, int(torch.multinomial(self.distribution(logits), 1, generator=self.gen)))
 
 
 def step_of(logits: torch.Tensor, logprobs: int = 0, token: int | None = None) -> Step:
@@ -258,7 +253,7 @@ def generate(runner: Runner, cache: KVCache, prompt: Sequence[int], params: Samp
                     return
             t0 = now()
             limit = min(size.size() if size is not None else k, params.max_new_tokens - n - 1)
-            tree = as_tree(draft.propose(tokens, limit, slot), runner.args.vocab_size, limit) if draft and limit else NOTHING
+            tree = propose(draft, tokens, limit, slot, runner.args.vocab_size)
             t1 = now()
             start = len(cache.tokens[slot])
             logits = runner.forward([chunk(slot, tokens[-1], tree, start)], cache, phase="decode", every=bool(tree.tokens))
@@ -274,9 +269,6 @@ def generate(runner: Runner, cache: KVCache, prompt: Sequence[int], params: Samp
     finally:
         if len(cache.tokens[slot]) >= len(tokens):  # stopped before the last pass's tokens were all yielded
             cache.keep_rows(slot, len(tokens) - 1, [])
-
-
-NOTHING = Tree([], [])
 
 
 def chunk(slot: int, last: int, tree: Tree, start: int) -> tuple:

@@ -65,12 +65,7 @@ class KVCache:
         rejected branches leave nothing behind. Then commit."""
         held = self.tokens[slot]
         if rows != list(range(len(rows))):  # a path off the first branch: move its keys and values up
-            span = rows[-1] + 1
-            for i in range(self.args.n_layers):
-                kv = torch.empty(2, span, self.args.n_kv_heads, self.args.head_dim, dtype=self.dtype)
-                self._read(i, slot, start, start + span, kv)
-                self._write(i, slot, start, kv[:, rows])
-                self._done(i)
+            self._copy(slot, start, slot, start, rows)
         elif len(held) == start + len(rows):
             return
         self.tokens[slot] = held[:start] + [held[start + r] for r in rows]
@@ -78,12 +73,17 @@ class KVCache:
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Give slot dst the first n positions of slot src (a prompt prefix both share)."""
-        for i in range(self.args.n_layers):
-            kv = torch.empty(2, n, self.args.n_kv_heads, self.args.head_dim, dtype=self.dtype)
-            self._read(i, src, 0, n, kv)
-            self._write(i, dst, 0, kv)
-            self._done(i)
+        self._copy(src, 0, dst, 0, list(range(n)))
         self.tokens[dst] = self.tokens[src][:n]
+
+    def _copy(self, src: int, begin: int, dst: int, at: int, rows: list[int]) -> None:
+        """In every block: positions begin + rows of slot src, to at, at + 1, ... of slot dst."""
+        span = rows[-1] + 1
+        for i in range(self.args.n_layers):
+            kv = torch.empty(2, span, self.args.n_kv_heads, self.args.head_dim, dtype=self.dtype)
+            self._read(i, src, begin, begin + span, kv)
+            self._write(i, dst, at, kv if len(rows) == span else kv[:, rows])
+            self._done(i)
 
     def reserve(self, slot: int, length: int) -> None:
         """Make room for `length` positions in `slot` before any work starts."""

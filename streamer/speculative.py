@@ -46,6 +46,9 @@ class Tree:
         return out
 
 
+NOTHING = Tree([], [])  # a pass that checks no draft: the plain decode step
+
+
 def as_tree(proposal, vocab_size: int, limit: int) -> Tree:
     """A draft's proposal as a checked Tree of at most `limit` nodes: a list of ids is a chain."""
     tree = proposal if isinstance(proposal, Tree) else Tree.chain(proposal)
@@ -57,6 +60,13 @@ def as_tree(proposal, vocab_size: int, limit: int) -> Tree:
             raise StreamerError(f"the draft's node {i} (token {t!r}, parent {p!r}) is not a token id below "
                                 f"{vocab_size} following an earlier node or the root (-1)", param="draft")
     return tree
+
+
+def propose(draft, tokens: Sequence[int], limit: int, slot: int, vocab_size: int) -> Tree:
+    """What `draft` proposes after `tokens`, checked, within `limit` nodes: nothing without a draft or room."""
+    if draft is None or limit <= 0:
+        return NOTHING
+    return as_tree(draft.propose(tokens, limit, slot), vocab_size, limit)
 
 
 def tree_layout(parents: Sequence[int], base: int, first: int = 0) -> tuple[list[int], torch.Tensor]:

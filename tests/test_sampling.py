@@ -5,9 +5,16 @@ import math
 import pytest
 import torch
 
-from streamer.generate import Sampler, SamplingParams
+from streamer.generate import Sampler, SamplingParams, step_of, verified
+from streamer.speculative import NOTHING
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0, 0.9])
+
+
+def draw(sampler, logits):
+    """One token as generation draws it after a plain pass (nothing drafted), with its logprobs."""
+    (row, token), = verified(logits[None], NOTHING, sampler)[0]
+    return step_of(row, sampler.p.logprobs, token)
 
 
 def by_definition(logits, temperature, top_p):
@@ -37,7 +44,7 @@ def test_draws_follow_the_distribution(temperature, top_p):
     """20000 draws: each token's frequency within 5 standard errors of its probability, none outside the nucleus."""
     n = 20000
     sampler = Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=123))
-    counts = torch.bincount(torch.tensor([sampler(LOGITS).token for _ in range(n)]), minlength=len(LOGITS)).double()
+    counts = torch.bincount(torch.tensor([draw(sampler, LOGITS).token for _ in range(n)]), minlength=len(LOGITS)).double()
     p = torch.tensor(by_definition(LOGITS, temperature, top_p), dtype=torch.double)
     assert (counts[p == 0] == 0).all()
     se = (p * (1 - p) / n).sqrt()
@@ -45,7 +52,7 @@ def test_draws_follow_the_distribution(temperature, top_p):
 
 
 def test_greedy_and_logprobs():
-    step = Sampler(SamplingParams(temperature=0, logprobs=3)).__call__(LOGITS)
+    step = draw(Sampler(SamplingParams(temperature=0, logprobs=3)), LOGITS)
     logp = torch.log_softmax(LOGITS, -1)
     assert step.token == 0 and step.logprob == pytest.approx(float(logp[0]))
     assert [t for t, _ in step.top] == [0, 1, 2]  # the logprobs are the model's, before temperature
@@ -54,4 +61,4 @@ def test_greedy_and_logprobs():
 def test_same_seed_same_draws():
     a = Sampler(SamplingParams(temperature=1.0, seed=7))
     b = Sampler(SamplingParams(temperature=1.0, seed=7))
-    assert [a(LOGITS).token for _ in range(50)] == [b(LOGITS).token for _ in range(50)]
+    assert [draw(a, LOGITS).token for _ in range(50)] == [draw(b, LOGITS).token for _ in range(50)]

@@ -76,8 +76,8 @@ def worker_passes(a) -> dict:
     mask runs), in rounds that alternate them, in one process after one prefill."""
     import torch
     from streamer import Engine
-    from streamer.generate import NOTHING, chunk
-    from streamer.speculative import Tree, _flops_per_token, _matmul_rate
+    from streamer.generate import chunk
+    from streamer.speculative import NOTHING, Tree, _flops_per_token, _matmul_rate
     torch.set_num_threads(2)
     ids = [int(t) for t in a.ids.split(",")]
     sizes = [int(t) for t in a.pass_cost.split(",")]
