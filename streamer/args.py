@@ -30,8 +30,12 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_pos: int = 8192
+    # Other Llama-architecture families (absent from Meta's params.json): a head width other than dim / n_heads
+    # (Mistral Nemo's 128 at dim 5120), and linear RoPE scaling (positions divided by the factor: CodeLlama-style
+    # configs with rope_scaling {"type": "linear"}).
+    head_dim: int | None = None
+    rope_linear_factor: float | None = None
     # derived, never read from params.json
-    head_dim: int = field(init=False)
     ffn_dim: int = field(init=False)
 
     def __post_init__(self):
@@ -39,17 +43,22 @@ class ModelArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise StreamerError(f"{name} must be a positive integer, got {value!r}")
-        if self.dim % self.n_heads:
-            raise StreamerError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise StreamerError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim <= 0:
+            raise StreamerError(f"head_dim must be a positive integer, got {self.head_dim!r}")
         if self.n_heads % self.n_kv_heads:
             raise StreamerError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise StreamerError(f"head_dim {self.dim // self.n_heads} must be even for RoPE")
+        if self.head_dim % 2:
+            raise StreamerError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.rope_linear_factor is not None and not self.rope_linear_factor > 0:
+            raise StreamerError(f"rope_linear_factor must be positive, got {self.rope_linear_factor}")
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise StreamerError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
         if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
             raise StreamerError(f"ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier}")
-        object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         object.__setattr__(self, "ffn_dim", ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier))
 
     @property
@@ -96,7 +105,14 @@ class ModelArgs:
         return cls.from_params(params, source=str(path), **overrides)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """The init fields, as params.json holds them; head_dim only when it is not dim / n_heads, and
+        rope_linear_factor only when set, so Meta-shaped models keep Meta's keys."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        if d["head_dim"] * self.n_heads == self.dim:
+            del d["head_dim"]
+        if d["rope_linear_factor"] is None:
+            del d["rope_linear_factor"]
+        return d
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:

@@ -77,9 +77,13 @@ class MetaCheckpoint:
         self._check()
         self.tokenizer_path = find_tokenizer(self.folder)
         self.params_path = self.folder / "params.json"
+        self.rope_factor_from = None  # params.json only says use_scaled_rope (infer_rope_factor)
 
     def params_json(self) -> bytes:
         return self.params_path.read_bytes()
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        return {self.tokenizer_path.name: self.tokenizer_path.read_bytes()} if self.tokenizer_path else {}
 
     def missing_tokenizer_hint(self) -> str:
         return f"{self.folder} has no tokenizer.model: --prompt text will need --tokenizer (--prompt-ids works without it)"

@@ -12,7 +12,8 @@ from .errors import StreamerError
 from .split import progress_bar, split
 
 ORIGINAL = ["original/params.json", "original/consolidated.*.pth", "original/tokenizer.model"]
-SAFETENSORS = ["config.json", "model*.safetensors", "model.safetensors.index.json", "original/tokenizer.model"]
+SAFETENSORS = ["config.json", "model*.safetensors", "model.safetensors.index.json", "original/tokenizer.model",
+               "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"]
 
 
 def fetch(repo_id: str, cache_dir: Path | None = None, token: str | None = None) -> Path:

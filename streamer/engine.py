@@ -27,7 +27,7 @@ from .kvcache import DiskKVCache, KVCache, MemoryKVCache, SplitKVCache
 from .layout import ModelFiles
 from .memory import MemoryMonitor, MemoryReport
 from .runner import Runner
-from .tokenizer import STOP_IDS, ChatFormat, Tokenizer, load_tokenizer
+from .tokenizer import STOP_IDS, encode_chat, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_MIN_BYTES = 1 << 30  # ~0.02 s saved per GB per token against ~2-20 s of compiling once
@@ -150,11 +150,11 @@ class Engine:
             if chat and prompt is not None:
                 messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             if messages is not None:
-                if not isinstance(self.tokenizer, Tokenizer):
-                    raise StreamerError(f"{self.tokenizer.path}: this tokenizer has no chat format")
+                if not hasattr(self.tokenizer, "chat"):
+                    raise StreamerError(f"{getattr(self.tokenizer, 'path', 'the tokenizer')}: this tokenizer has no chat format")
                 if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
                     raise StreamerError("must be a list of {role, content} objects", param="messages")
-                ids = ChatFormat(self.tokenizer).encode_dialog(messages)
+                ids = encode_chat(self.tokenizer, messages)
             else:
                 ids = self.tokenizer.encode(prompt, bos=True)
         check_prompt(ids, self.args.vocab_size)

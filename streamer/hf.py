@@ -13,7 +13,10 @@ import torch
 
 from .args import ModelArgs
 from .checkpoint import expected_shapes
+from .chat import CONFIG_FILES
 from .errors import StreamerError
+from .gguf_tokenizer import is_llama3, tiktoken_file
+from .tokenizer import PAT_STR
 
 _BLOCK = {  # Meta name inside layers.i -> HF name inside model.layers.i
     "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
@@ -51,6 +54,8 @@ def config_from_args(a: ModelArgs, dtype: torch.dtype) -> dict:
            "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len,
            "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
            "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if a.rope_linear_factor is not None:
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": a.rope_linear_factor}
     if a.use_scaled_rope:
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": a.rope_scale_factor, "low_freq_factor": a.rope_low_freq_factor,
                                "high_freq_factor": a.rope_high_freq_factor,
@@ -58,24 +63,31 @@ def config_from_args(a: ModelArgs, dtype: torch.dtype) -> dict:
     return cfg
 
 
-LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
+ARCHITECTURES = {"llama": ("LlamaForCausalLM",), "mistral": ("MistralForCausalLM",)}
 # config keys that change the math in ways the block math does not implement: refused unless off
-_MATH_KEYS = {"sliding_window": None, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
+_MATH_KEYS = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
               "attn_logit_softcapping": None, "final_logit_softcapping": None}
 _HARMLESS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old saves: recomputed, never read
 
 
 def check_config(cfg: dict, source: str) -> None:
-    """Refuse what streamer would otherwise run wrongly: another architecture, or a Llama config that turns
-    on something the block math does not do (biases, a sliding window, another activation)."""
-    kind, arch = cfg.get("model_type"), cfg.get("architectures") or list(LLAMA_ARCHITECTURES)
-    if kind != "llama" or any(a not in LLAMA_ARCHITECTURES for a in arch):
-        raise StreamerError(f"{source}: model_type {kind!r} ({', '.join(map(str, arch))}) is not a Llama model; "
-                            "streamer runs LlamaForCausalLM checkpoints only")
+    """Refuse what streamer would otherwise run wrongly: another architecture, or a config that turns on
+    something the block math does not do (biases, another activation)."""
+    kind, arch = cfg.get("model_type"), cfg.get("architectures") or list(ARCHITECTURES.get(cfg.get("model_type"), ()))
+    if kind not in ARCHITECTURES or any(a not in ARCHITECTURES[kind] for a in arch):
+        raise StreamerError(f"{source}: model_type {kind!r} ({', '.join(map(str, arch))}) is not supported; streamer "
+                            "runs LlamaForCausalLM and MistralForCausalLM checkpoints")
     for key, off in _MATH_KEYS.items():
         if cfg.get(key) not in (None, off):
             raise StreamerError(f"{source}: {key} = {cfg[key]!r} changes the model's math in a way streamer does not "
                                 f"implement (it runs {key} = {off!r})")
+
+
+def ffn_params(dim: int, inter: int) -> dict:
+    """Meta's FFN sizing parameters that give exactly `inter` hidden units: rounding 8*dim/3 up to a multiple
+    of `inter` itself reproduces it, with a multiplier below 1 when it is smaller."""
+    base = int(2 * 4 * dim / 3)
+    return {"multiple_of": inter, **({"ffn_dim_multiplier": inter / base} if inter < base else {})}
 
 
 def args_from_config(cfg: dict, source: str) -> ModelArgs:
@@ -89,23 +101,30 @@ def args_from_config(cfg: dict, source: str) -> ModelArgs:
     except KeyError as e:
         raise StreamerError(f"{source}: missing {e.args[0]!r}") from None
     if cfg.get("head_dim") not in (None, dim // params["n_heads"]):
-        raise StreamerError(f"{source}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
-    rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the scaling here
-    params["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        params["head_dim"] = cfg["head_dim"]
+    window = cfg.get("sliding_window")
+    if window is not None:  # within the window, windowed attention is full attention: cap the context there
+        if not isinstance(window, int) or window <= 0:
+            raise StreamerError(f"{source}: sliding_window {window!r} is not a positive integer")
+        params["max_seq_len"] = min(params["max_seq_len"], window)
+    rope = cfg.get("rope_parameters")  # transformers 5 keeps rope_theta and the scaling here, and reads them first
+    if rope:
+        params["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = rope if rope.get("rope_type", "default") != "default" else None
+    else:
+        params["rope_theta"], scaling = cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling")
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "llama3":
-            raise StreamerError(f"{source}: rope scaling type {kind!r} is not supported (only 'llama3')")
-        params.update(use_scaled_rope=True, rope_scale_factor=float(scaling["factor"]),
-                      rope_low_freq_factor=float(scaling["low_freq_factor"]),
-                      rope_high_freq_factor=float(scaling["high_freq_factor"]),
-                      rope_original_max_pos=int(scaling["original_max_position_embeddings"]))
-    # Meta sizes the FFN from multiple_of; rounding 8*dim/3 up to intermediate_size itself reproduces it exactly.
-    base = int(2 * 4 * dim / 3)
-    params["multiple_of"] = inter
-    if inter < base:
-        params["ffn_dim_multiplier"] = inter / base
+        if kind == "llama3":
+            params.update(use_scaled_rope=True, rope_scale_factor=float(scaling["factor"]),
+                          rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                          rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                          rope_original_max_pos=int(scaling["original_max_position_embeddings"]))
+        elif kind == "linear":
+            params["rope_linear_factor"] = float(scaling["factor"])
+        elif kind != "default":
+            raise StreamerError(f"{source}: rope scaling type {kind!r} is not supported (none, 'llama3' or 'linear')")
+    params.update(ffn_params(dim, inter))
     args = ModelArgs.from_params(params, source=source)
     if args.ffn_dim != inter:
         raise StreamerError(f"{source}: intermediate_size {inter} cannot be expressed as Meta's FFN sizing")
@@ -158,9 +177,8 @@ class HFCheckpoint:
             got = tuple(self._where[name].get_slice(name).get_shape())
             if got != shape:
                 raise StreamerError(f"{self.folder}: tensor {name!r} has shape {list(got)}, config.json implies {list(shape)}")
-        tok = self.folder / "original" / "tokenizer.model"
-        self.tokenizer_path = tok if tok.is_file() else None
         self.dtype = self._get("tok_embeddings.weight").dtype
+        self.rope_factor_from = "config.json"
 
     def _get(self, key: str) -> torch.Tensor:
         name = hf_name(key)
@@ -179,6 +197,39 @@ class HFCheckpoint:
     def params_json(self) -> bytes:
         return json.dumps(self.args.to_dict(), indent=2).encode()
 
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """Meta's tokenizer.model from original/, or tokenizer.json (Llama 3's own vocabulary becomes Meta's
+        tiktoken file), with the chat template and generation config beside it."""
+        files = {name: (self.folder / name).read_bytes() for name in CONFIG_FILES if (self.folder / name).is_file()}
+        meta, fast = self.folder / "original" / "tokenizer.model", self.folder / "tokenizer.json"
+        if meta.is_file():
+            files["tokenizer.model"] = meta.read_bytes()
+        elif fast.is_file():
+            files.update(_tokenizer_json(fast))
+        return files
+
     def missing_tokenizer_hint(self) -> str:
-        return ("no original/tokenizer.model: fetch it with `huggingface-cli download REPO original/tokenizer.model "
-                f"--local-dir {self.folder}` to use --prompt text (--prompt-ids works without it)")
+        return (f"{self.folder} has no tokenizer.json (or Meta's original/tokenizer.model): fetch it with "
+                f"`huggingface-cli download REPO tokenizer.json tokenizer_config.json --local-dir {self.folder}` to use "
+                "--prompt text (--prompt-ids works without it)")
+
+
+def _tokenizer_json(path: Path) -> dict[str, bytes]:
+    """tokenizer.json as the split keeps it: Llama 3's exact vocabulary (its pre-tokenizer regex and special
+    names) as Meta's tiktoken tokenizer.model, any other as it is."""
+    raw = path.read_bytes()
+    try:
+        spec = json.loads(raw)
+        vocab, added = spec["model"]["vocab"], spec.get("added_tokens", [])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise StreamerError(f"{path}: not a Hugging Face tokenizer.json") from None
+    pre = spec.get("pre_tokenizer") or {}
+    splits = [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", [pre]) if isinstance(p, dict)]
+    if spec["model"].get("type") == "BPE" and isinstance(vocab, dict) and PAT_STR in splits:
+        tokens = [None] * (len(vocab) + len(added))
+        for token, i in [*vocab.items(), *((a["content"], a["id"]) for a in added)]:
+            if 0 <= i < len(tokens):
+                tokens[i] = token
+        if None not in tokens and is_llama3(tokens, "llama-bpe"):
+            return {"tokenizer.model": tiktoken_file(tokens[:128000])}
+    return {"tokenizer.json": raw}

@@ -31,9 +31,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """Per-pair rotation frequencies [head_dim/2], float32, with Llama 3.1's apply_scaling when set."""
+    """Per-pair rotation frequencies [head_dim/2], float32, with Llama 3.1's apply_scaling or linear scaling
+    (every frequency divided by the factor) when set."""
     hd = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    if args.rope_linear_factor is not None:
+        freqs = freqs / args.rope_linear_factor
     if not args.use_scaled_rope:
         return freqs
     factor, low, high, old = (args.rope_scale_factor, args.rope_low_freq_factor,

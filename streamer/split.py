@@ -1,5 +1,5 @@
-"""`streamer split SRC DST`: shard a Meta or Hugging Face checkpoint into one safetensors file per block,
-one file at a time, resumably."""
+"""`streamer split SRC DST`: shard a Meta or Hugging Face checkpoint, or a GGUF file, into one safetensors
+file per block, one file at a time, resumably."""
 from __future__ import annotations
 
 import argparse
@@ -17,35 +17,39 @@ import torch
 from .checkpoint import MetaCheckpoint, infer_rope_factor
 from .errors import StreamerError
 from .files import drop_cache, sha256_file, write_atomic, write_json_atomic
+from .gguf_source import GGUFCheckpoint
 from .hf import HFCheckpoint
 from .layout import FORMAT, FORMAT_VERSION, LAYOUT, MANIFEST, PARTIAL, check_file, file_tensors
 from .quant import SCHEMES
+from .tokenizer import TOKENIZER_FILES
 from .weights import file_size_for, write_safetensors
 
 log = logging.getLogger(__name__)
 DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def open_source(folder: Path):
-    """A Meta checkpoint folder, or a Hugging Face one (config.json + model*.safetensors)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise StreamerError(f"{folder}: no such folder")
-    if (folder / "params.json").exists() or any(folder.glob("consolidated.*.pth")):
-        return MetaCheckpoint(folder)
-    if (folder / "config.json").exists():
-        return HFCheckpoint(folder)
-    if (folder / "original" / "params.json").exists():
-        return MetaCheckpoint(folder / "original")
-    if (folder / MANIFEST).exists():
-        raise StreamerError(f"{folder}: this is already a split model; `streamer generate {folder}` runs it")
-    raise StreamerError(f"{folder}: neither a Meta checkpoint (params.json + consolidated.*.pth) nor a Hugging Face "
+def open_source(path: Path):
+    """A Meta checkpoint folder, a Hugging Face one (config.json + model*.safetensors), or a GGUF file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFCheckpoint(path)
+    if not path.is_dir():
+        raise StreamerError(f"{path}: no such folder" + ("" if path.exists() else " or GGUF file"))
+    if (path / "params.json").exists() or any(path.glob("consolidated.*.pth")):
+        return MetaCheckpoint(path)
+    if (path / "config.json").exists():
+        return HFCheckpoint(path)
+    if (path / "original" / "params.json").exists():
+        return MetaCheckpoint(path / "original")
+    if (path / MANIFEST).exists():
+        raise StreamerError(f"{path}: this is already a split model; `streamer generate {path}` runs it")
+    raise StreamerError(f"{path}: neither a Meta checkpoint (params.json + consolidated.*.pth) nor a Hugging Face "
                         "one (config.json + model*.safetensors); params.json not found")
 
 
 def split(src: Path, dst: Path, dtype: str | None = None, progress: Callable[[int, int], None] | None = None,
           rope_scaling_factor: float | None = None, quantize: str | None = None) -> Path:
-    """Split a Meta (or Hugging Face) checkpoint folder into DST; returns the manifest path.
+    """Split a Meta or Hugging Face checkpoint folder, or a GGUF file, into DST; returns the manifest path.
     Resumes an interrupted split; a finished split of the same source with the same options is left as it is.
     progress(done_bytes, total_bytes) is called as files are written."""
     src, dst = Path(src), Path(dst)
@@ -85,10 +89,8 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: Callable[[in
         written += done[name]["bytes"]
         if progress:
             progress(written, total)
-    extras = {"params.json": ckpt.params_json()}
-    if ckpt.tokenizer_path:
-        extras[ckpt.tokenizer_path.name] = ckpt.tokenizer_path.read_bytes()
-    else:
+    extras = {"params.json": ckpt.params_json(), **ckpt.tokenizer_files()}
+    if not any(name in extras for name in TOKENIZER_FILES):
         log.warning(ckpt.missing_tokenizer_hint())
     for name, data in extras.items():
         try:
@@ -153,8 +155,8 @@ def _choose_rope_factor(ckpt, given: float | None) -> None:
         return
     if given is not None:
         factor, why = given, "given with --rope-scaling-factor"
-    elif getattr(ckpt, "config", None) is not None:
-        factor, why = ckpt.args.rope_scale_factor, "from config.json"
+    elif ckpt.rope_factor_from is not None:
+        factor, why = ckpt.args.rope_scale_factor, f"from {ckpt.rope_factor_from}"
     else:
         factor, why = infer_rope_factor(ckpt.args)
     if not factor > 0:
@@ -178,8 +180,9 @@ def progress_bar(desc: str, enabled: bool = True):
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("src", type=Path, help="a Meta checkpoint folder (params.json, consolidated.*.pth, tokenizer.model) "
-                   "or a Hugging Face one (config.json, model*.safetensors; Meta's files in original/ also work)")
+    p.add_argument("src", type=Path, help="a Meta checkpoint folder (params.json, consolidated.*.pth, tokenizer.model), "
+                   "a Hugging Face one (config.json, model*.safetensors, tokenizer.json; Meta's files in original/ "
+                   "also work), or a GGUF file of the llama architecture (the first part of a split GGUF)")
     p.add_argument("dst", type=Path, help="output folder for the layer files and manifest")
     p.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), help="store weights in this dtype (default: the source's)")
     p.add_argument("--rope-scaling-factor", type=float,

@@ -1,5 +1,7 @@
-"""Tokenizers: Llama 3's tiktoken BPE and chat format (Meta's tokenizer.model), and llama2.c's small
-SentencePiece-style vocabularies (tokenizer.bin, tok512.bin), which the trained stories260K model uses."""
+"""Tokenizers: Llama 3's tiktoken BPE and chat format (Meta's tokenizer.model), llama2.c's small
+SentencePiece-style vocabularies (tokenizer.bin, tok512.bin), which the trained stories260K model uses, and
+every other model's tokenizer.json through Hugging Face `tokenizers` (SentencePiece-style and byte-level BPE).
+Each carries the folder's ChatConfig (chat.py): its chat template and end-of-turn ids."""
 from __future__ import annotations
 
 import base64
@@ -10,6 +12,7 @@ from typing import Sequence
 
 import tiktoken
 
+from .chat import ChatConfig
 from .errors import StreamerError
 
 PAT_STR = (
@@ -63,12 +66,17 @@ class Tokenizer:
         self.n_words = len(ranks) + len(names)
         self.bos_id = self.special["<|begin_of_text|>"]
         self.eos_id = self.special["<|end_of_text|>"]
-        self.stop_ids = frozenset({self.eos_id, self.special["<|eom_id|>"], self.special["<|eot_id|>"]})
+        self.chat = ChatConfig(self.path.parent)
+        self.stop_ids = frozenset({self.eos_id, self.special["<|eom_id|>"], self.special["<|eot_id|>"]}) | self.chat.eos_ids
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Special-token text inside `text` is encoded as plain text, as Meta does by default."""
         ids = self.model.encode(text, allowed_special=set(), disallowed_special=())
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_special(self, text: str) -> list[int]:
+        """Text with special tokens written in it (a rendered chat template), those recognised; no BOS added."""
+        return self.model.encode(text, allowed_special="all")
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.model.decode(list(ids))
@@ -125,7 +133,8 @@ class Llama2cTokenizer:
             raise StreamerError(f"{path}: not a llama2.c tokenizer.bin (no byte pieces at ids 3..258)")
         self.ids = {p: i for i, p in enumerate(self.pieces)}
         self.n_words = len(self.pieces)
-        self.stop_ids = frozenset({self.eos_id})
+        self.chat = ChatConfig(self.path.parent)
+        self.stop_ids = frozenset({self.eos_id}) | self.chat.eos_ids
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = []
@@ -150,7 +159,77 @@ class Llama2cTokenizer:
         return text[1:] if text.startswith(" ") else text
 
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.bin", "tok512.bin")  # the tiktoken file, or llama2.c's
+def gpt2_byte_table() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which byte-level BPE vocabularies are written in."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json, run by the `tokenizers` library as transformers runs it. BOS, EOS and
+    whether prompts start with BOS come from the folder's tokenizer_config.json (else from what the
+    tokenizer's own post-processor adds); stop ids are the EOS and generation_config.json's eos_token_id."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as Fast
+        self.path = Path(path)
+        try:
+            self.model = Fast.from_file(str(self.path))
+        except Exception as e:  # tokenizers raises plain Exceptions for bad JSON or unknown components
+            raise StreamerError(f"{self.path}: not a tokenizer.json the `tokenizers` library reads ({e})") from None
+        self.chat = ChatConfig(self.path.parent)
+        self.n_words = self.model.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self._id("bos_token")
+        self.eos_id = self._id("eos_token")
+        add_bos = self.chat.add_bos
+        if add_bos is None:
+            add_bos = self.bos_id is not None and self.model.encode("a").ids[:1] == [self.bos_id]
+        self.add_bos = bool(add_bos) and self.bos_id is not None
+        self.stop_ids = frozenset({self.eos_id} - {None}) | self.chat.eos_ids
+        self._bytes: list[bytes] | None = None
+
+    def _id(self, name: str) -> int | None:
+        text = self.chat.special.get(name)
+        return None if text is None else self.model.token_to_id(text)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """As transformers encodes: special tokens written in the text are recognised. BOS starts a prompt
+        (bos=True) when the model adds one."""
+        ids = self.model.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] * (bos and self.add_bos) + ids + [self.eos_id] * (eos and self.eos_id is not None)
+
+    def encode_special(self, text: str) -> list[int]:
+        return self.model.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.model.decode(list(ids), skip_special_tokens=False)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """Each token's own bytes (so text streams token by token, split UTF-8 and all): byte-level tokens
+        through GPT-2's byte map, SentencePiece pieces with ▁ as a space and <0xNN> as that byte."""
+        if self._bytes is None:
+            self._bytes = self._byte_table()
+        return b"".join(self._bytes[t] if 0 <= t < len(self._bytes) else b"" for t in ids)
+
+    def _byte_table(self) -> list[bytes]:
+        byte_level = b"ByteLevel" in (self.model.decoder.__getstate__() if self.model.decoder else b"")
+        inverse = {c: b for b, c in gpt2_byte_table().items()}
+        added = {i: t.content for i, t in self.model.get_added_tokens_decoder().items()}
+        table = [b""] * self.n_words
+        for token, i in self.model.get_vocab(with_added_tokens=True).items():
+            if i in added or i >= len(table):
+                table[i] = added.get(i, token).encode()
+            elif byte_level:
+                table[i] = bytes(inverse[c] for c in token) if all(c in inverse for c in token) else token.encode()
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                table[i] = bytes([int(token[3:5], 16)])
+            else:
+                table[i] = token.replace("\u2581", " ").encode()
+        return table
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer.bin", "tok512.bin")  # tiktoken, HF's, llama2.c's
 
 
 def find_tokenizer(folder: Path) -> Path | None:
@@ -158,6 +237,19 @@ def find_tokenizer(folder: Path) -> Path | None:
 
 
 def load_tokenizer(path: Path):
-    """A Tokenizer for Meta's tokenizer.model, a Llama2cTokenizer for llama2.c's .bin files."""
+    """A Tokenizer for Meta's tokenizer.model, an HFTokenizer for tokenizer.json, a Llama2cTokenizer for
+    llama2.c's .bin files."""
     path = Path(path)
+    if path.suffix == ".json":
+        return HFTokenizer(path)
     return Llama2cTokenizer(path) if path.suffix == ".bin" else Tokenizer(path)
+
+
+def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Chat messages as prompt ids: the model's own chat template when its folder has one, else Llama 3's
+    format for Meta's tokenizer."""
+    if tokenizer.chat.template is not None:
+        return tokenizer.encode_special(tokenizer.chat.render(messages))
+    if isinstance(tokenizer, Tokenizer):
+        return ChatFormat(tokenizer).encode_dialog(messages)
+    return tokenizer.encode_special(tokenizer.chat.render(messages))  # raises: no template

@@ -96,7 +96,7 @@ def file_size_for(tensors: dict[str, tuple[torch.dtype, tuple]]) -> int:
 def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple, Callable[[], torch.Tensor]]],
                       align: int = TENSOR_ALIGN) -> tuple[int, str]:
     """Stream tensors into `path` atomically, producing each one only when it is written, so memory holds
-    one tensor at a time. Returns (size, sha256). align=1 writes no padding (files for other tools)."""
+    one tensor at a time (or one piece of it, for a producer that returns an object with row_chunks()). Returns (size, sha256). align=1 writes no padding (files for other tools)."""
     spec = {name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()}
     header = header_bytes(spec, align)
     digest = hashlib.sha256(header)
@@ -112,12 +112,14 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple, C
                 t = tensors[name][2]()
                 if tuple(t.shape) != tuple(shape):
                     raise StreamerError(f"{path}: tensor {name!r} came out {list(t.shape)}, expected {list(shape)}")
-                flat = t.to(dtype).contiguous().reshape(-1).view(torch.uint8)
-                for i in range(0, flat.numel(), CHUNK):
-                    chunk = flat[i:i + CHUNK].numpy()
-                    digest.update(chunk)
-                    f.write(chunk)
-                del t, flat
+                for part in t.row_chunks() if hasattr(t, "row_chunks") else [t]:  # a source too big to hold at once
+                    flat = part.to(dtype).contiguous().reshape(-1).view(torch.uint8)
+                    for i in range(0, flat.numel(), CHUNK):
+                        chunk = flat[i:i + CHUNK].numpy()
+                        digest.update(chunk)
+                        f.write(chunk)
+                    del part, flat
+                del t
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()

@@ -308,9 +308,9 @@ def hf_folder(tmp_path, config_edit=None, extra_tensors=None):
 
 
 @pytest.mark.parametrize("edit,extra,words", [
-    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, None, ["model_type 'qwen2'", "not a Llama model"]),
-    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 4096}, None, ["'mistral'"]),
-    ({"sliding_window": 4096}, None, ["sliding_window = 4096", "does not implement"]),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, None, ["model_type 'qwen2'", "not supported"]),
+    ({"model_type": "llama", "architectures": ["MistralForCausalLM"]}, None, ["MistralForCausalLM", "not supported"]),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, None, ["rope scaling type 'dynamic'"]),
     ({"attention_bias": True}, None, ["attention_bias = True"]),
     ({"hidden_act": "gelu"}, None, ["hidden_act = 'gelu'"]),
     (None, {"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, ["unexpected tensor", "q_proj.bias", "model-extra"]),

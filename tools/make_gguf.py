@@ -3,8 +3,9 @@
 MODEL is a folder in Meta's layout (params.json, consolidated.*.pth, tokenizer.model), as
 tools/make_checkpoint.py writes. The GGUF has llama.cpp's tensor names and Meta's interleaved q/k rows,
 which are what llama.cpp's own converter writes (it undoes HF's permutation), bf16 matrices and float32
-norms, and the Llama 3 vocabulary as llama.cpp's `llama-bpe` byte-level BPE, built from tokenizer.model's
-ranks. `llama-quantize OUT.gguf OUT-q8_0.gguf Q8_0` makes the quantized peers. Tensors are written one at a
+norms (or --type F32, F16, Q8_0, Q4_0 matrices, quantized by the gguf package), and the Llama 3 vocabulary as
+llama.cpp's `llama-bpe` byte-level BPE, built from tokenizer.model's ranks. `llama-quantize OUT.gguf
+OUT-q8_0.gguf Q8_0` makes the quantized peers the way llama.cpp does (its output matrix in Q6_K). Tensors are written one at a
 time from the memory-mapped checkpoint, so the whole model is never held in memory. Needs `pip install gguf`.
 """
 import argparse
@@ -17,16 +18,10 @@ import numpy as np
 import torch
 
 from streamer.checkpoint import MetaCheckpoint
+from streamer.gguf_source import TENSOR_NAMES as BLOCK_NAMES
 from streamer.model import rope_frequencies
-from streamer.tokenizer import Tokenizer
+from streamer.tokenizer import Tokenizer, gpt2_byte_table
 
-BLOCK_NAMES = {  # Meta's key within layers.N -> llama.cpp's within blk.N
-    "attention_norm.weight": "attn_norm.weight", "attention.wq.weight": "attn_q.weight",
-    "attention.wk.weight": "attn_k.weight", "attention.wv.weight": "attn_v.weight",
-    "attention.wo.weight": "attn_output.weight", "ffn_norm.weight": "ffn_norm.weight",
-    "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w3.weight": "ffn_up.weight",
-    "feed_forward.w2.weight": "ffn_down.weight",
-}
 
 
 def tensor_names(n_layers: int, tied: bool) -> list[tuple[str, str]]:
@@ -40,13 +35,6 @@ def tensor_names(n_layers: int, tied: bool) -> list[tuple[str, str]]:
 
 def byte_level(token: bytes, table: dict[int, str]) -> str:
     return "".join(table[b] for b in token)
-
-
-def gpt2_byte_table() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, which byte-level BPE vocabularies are written in."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    extra = [b for b in range(256) if b not in keep]
-    return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
 
 
 def merges_of(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
@@ -83,68 +71,109 @@ def add_vocab(w, tok: Tokenizer, n_vocab: int) -> None:
     w.add_add_bos_token(True)
 
 
-def as_array(t: torch.Tensor) -> np.ndarray:
-    """1-D tensors (norms) in float32, as llama.cpp keeps them; matrices as the bytes of bf16."""
-    if t.dim() == 1:
+TYPES = ("BF16", "F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # matrices; norms are always float32
+
+
+def as_array(t: torch.Tensor, qtype: str) -> np.ndarray:
+    """1-D tensors (norms) in float32, as llama.cpp keeps them; matrices as the bytes of `qtype`."""
+    import gguf
+    if t.dim() == 1 or qtype == "F32":
         return t.float().numpy()
-    return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+    if qtype == "BF16":
+        return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+    if qtype == "F16":
+        return t.half().numpy()
+    return gguf.quants.quantize(t.float().numpy(), gguf.GGMLQuantizationType[qtype])
 
 
-def write(folder: Path, out: Path) -> None:
+def add_tensor_info(w, name: str, t: torch.Tensor, qtype: str) -> None:
+    import gguf
+    if t.dim() == 1 or qtype in ("F32", "F16"):
+        dtype = np.dtype(np.float32 if t.dim() == 1 or qtype == "F32" else np.float16)
+        w.add_tensor_info(name, t.shape, dtype, dtype.itemsize * t.numel())
+    else:  # bytes: the writer turns the byte shape back into elements
+        kind = gguf.GGMLQuantizationType[qtype]
+        shape = gguf.quants.quant_shape_to_byte_shape(tuple(t.shape), kind)
+        w.add_tensor_info(name, shape, np.dtype(np.uint8), shape[0] * shape[1], kind)
+
+
+def write(folder: Path, out: Path, qtype: str = "BF16", vocab=None, quiet: bool = False, parts: int = 1) -> None:
+    """vocab(writer) adds the tokenizer's metadata; by default Llama 3's, from the folder's tokenizer.model.
+    parts > 1 writes llama.cpp's split format, OUT-00001-of-0000N.gguf ..., holding the tensors in memory
+    (small models only)."""
     import gguf
     ckpt = MetaCheckpoint(folder)
     args = ckpt.args
-    if ckpt.tokenizer_path is None:
-        raise SystemExit(f"{folder}: no tokenizer.model (the GGUF needs the vocabulary)")
+    if vocab is None:
+        if ckpt.tokenizer_path is None:
+            raise SystemExit(f"{folder}: no tokenizer.model (the GGUF needs the vocabulary)")
+        vocab = lambda w: add_vocab(w, Tokenizer(ckpt.tokenizer_path), args.vocab_size)
     tied = "output.weight" not in ckpt.shards[0]
     tmp = out.with_name(out.name + ".tmp")
     w = gguf.GGUFWriter(tmp, "llama")
     w.add_name(folder.name)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    w.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if qtype == "F32" else f"MOSTLY_{qtype}"))
     w.add_block_count(args.n_layers)
     w.add_context_length(args.max_seq_len)
     w.add_embedding_length(args.dim)
     w.add_feed_forward_length(ckpt.shapes["layers.0.feed_forward.w1.weight"][0])
     w.add_head_count(args.n_heads)
     w.add_head_count_kv(args.n_kv_heads)
-    w.add_rope_dimension_count(args.dim // args.n_heads)
+    w.add_rope_dimension_count(args.head_dim)
+    if args.head_dim * args.n_heads != args.dim:
+        w.add_key_length(args.head_dim)
+        w.add_value_length(args.head_dim)
     w.add_rope_freq_base(args.rope_theta)
     w.add_layer_norm_rms_eps(args.norm_eps)
     w.add_vocab_size(args.vocab_size)
-    add_vocab(w, Tokenizer(ckpt.tokenizer_path), args.vocab_size)
+    vocab(w)
     names = tensor_names(args.n_layers, tied)
     sources = [lambda k=k: ckpt.tensor(k) for k, _ in names]
     if args.use_scaled_rope:  # llama.cpp divides each frequency by these factors (Llama 3.1's apply_scaling)
         factors = rope_frequencies(replace(args, use_scaled_rope=False)) / rope_frequencies(args)
         names.append(("", "rope_freqs.weight"))
         sources.append(lambda: factors)
+    if parts > 1:
+        _write_parts(w, out, names, sources, qtype, parts)
+        return
     for (_, name), src in zip(names, sources):
-        t = src()
-        if t.dim() == 1:
-            w.add_tensor_info(name, t.shape, np.dtype(np.float32), 4 * t.numel())
-        else:  # bf16 as bytes: the writer turns the byte shape back into elements
-            w.add_tensor_info(name, (t.shape[0], 2 * t.shape[1]), np.dtype(np.uint8), 2 * t.numel(),
-                              gguf.GGMLQuantizationType.BF16)
+        add_tensor_info(w, name, src(), qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     t0, done = time.perf_counter(), 0
     for (_, name), src in zip(names, sources):
-        arr = as_array(src())
+        arr = as_array(src(), qtype)
         w.write_tensor_data(arr)
         done += arr.nbytes
-        print(f"\r{name}: {done / 1e9:.1f} GB", end="", flush=True)
+        if not quiet:
+            print(f"\r{name}: {done / 1e9:.1f} GB", end="", flush=True)
     w.close()
     os.replace(tmp, out)
-    print(f"\n{out}: {done / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
+    if not quiet:
+        print(f"\n{out}: {done / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
+
+
+def _write_parts(w, out: Path, names, sources, qtype: str, parts: int) -> None:
+    import gguf
+    w.split_max_tensors = -(-len(names) // parts)
+    for (_, name), src in zip(names, sources):
+        t = src()
+        kind = None if t.dim() == 1 or qtype in ("F32", "F16") else gguf.GGMLQuantizationType[qtype]
+        w.add_tensor(name, as_array(t, qtype), raw_dtype=kind)
+    w.write_header_to_file(path=out)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="a Meta checkpoint folder")
     p.add_argument("out", type=Path)
+    p.add_argument("--type", choices=TYPES, default="BF16", help="how matrices are stored (default: BF16)")
     a = p.parse_args()
-    write(a.model, a.out)
+    write(a.model, a.out, a.type)
 
 
 if __name__ == "__main__":
