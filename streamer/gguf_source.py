@@ -4,15 +4,20 @@ llama.cpp's converter stores wq and wk in Meta's interleaved RoPE order (it undo
 every tensor maps one to one onto a Meta key. Matrices are dequantized only in the rows a split file asks
 for (one piece of ~16 MiB at a time), so an 8B GGUF splits in bounded memory; the column pieces of the FFN's
 w2 dequantize that one matrix once. Q8_0 and Q4_0, the common types, are dequantized here with torch; every
-other type the `gguf` package knows (Q4_1, Q5_*, the K-quants, ...) goes through its numpy code.
+other type the `gguf` package knows (Q4_1, Q5_*, the K-quants, ...) goes through its numpy code. The
+header is parsed here (read_gguf says why); the types, block sizes and dequantizers are the gguf package's.
 A file split in parts (`NAME-00001-of-00003.gguf`) is read as one model from its first part.
 """
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import re
+import struct
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,19 +57,116 @@ def parts_of(path: Path) -> list[Path]:
     return paths
 
 
-def _open(path: Path):
+class GGUFTensor(NamedTuple):
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # ggml's order: the fastest-varying dimension first
+    path: Path
+    offset: int  # of its data in the file
+    rows: int
+    row_bytes: int
+
+    def read(self, a: int = 0, b: int | None = None) -> np.ndarray:
+        """Rows a..b of the raw data: [rows, bytes per row] uint8, or the values for F32 / F16. Read with pread
+        rather than a memory map, so the pages are page cache the split drops, never the process's."""
+        import gguf
+        b = self.rows if b is None else b
+        with open(self.path, "rb") as f:
+            raw = os.pread(f.fileno(), (b - a) * self.row_bytes, self.offset + a * self.row_bytes)
+        if len(raw) != (b - a) * self.row_bytes:
+            raise StreamerError(f"{self.path}: file ended early while reading tensor {self.name!r}")
+        data = np.frombuffer(raw, np.uint8).reshape(b - a, self.row_bytes)
+        if self.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = data.view(np.float32 if self.tensor_type == gguf.GGMLQuantizationType.F32 else np.float16)
+        return data
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY, _FLOAT32 = 8, 9, 6
+
+
+def read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
+    """A GGUF file's metadata {key: value} and tensors {name: GGUFTensor}, read when asked for.
+
+    The header is parsed here rather than with gguf.GGUFReader, which keeps a numpy object per string: for
+    Llama 3's 128K-token vocabulary and 280K merges it holds ~450 MB and takes ~10 s, more than a 512M cap
+    allows. Tensor types, block sizes and dequantizers still come from the gguf package."""
     import gguf
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct errors, ... on a damaged file
+        with open(path, "rb") as f:
+            file_bytes = os.fstat(f.fileno()).st_size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if file_bytes else b""
+        buf = memoryview(data)
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (streamer reads 2 and 3, little-endian)")
+        off, fields = 24, {}
+
+        def string(off):
+            (n,) = struct.unpack_from("<Q", buf, off)
+            return bytes(buf[off + 8:off + 8 + n]).decode("utf-8", "replace"), off + 8 + n
+
+        def value(kind, off):
+            if kind == _STRING:
+                return string(off)
+            if kind == _ARRAY:
+                item, count = struct.unpack_from("<IQ", buf, off)
+                off += 12
+                if item in _SCALARS:
+                    dt = np.dtype(_SCALARS[item])
+                    values = np.frombuffer(buf, dt, count, off).tolist()
+                    return values, off + dt.itemsize * count
+                values = []
+                for _ in range(count):
+                    v, off = value(item, off)
+                    values.append(v)
+                return values, off
+            fmt = _SCALARS[kind]
+            v = struct.unpack_from(fmt, buf, off)[0]
+            if kind == _FLOAT32:  # its shortest decimal (1e-05, not 9.999999747378752e-06)
+                v = float(str(np.float32(v)))
+            return v, off + struct.calcsize(fmt)
+
+        for _ in range(n_kv):
+            key, off = string(off)
+            (kind,) = struct.unpack_from("<I", buf, off)
+            fields[key], off = value(kind, off + 4)
+        infos = []
+        for _ in range(n_tensors):
+            name, off = string(off)
+            (n_dims,) = struct.unpack_from("<I", buf, off)
+            shape = struct.unpack_from(f"<{n_dims}Q", buf, off + 4)
+            kind, offset = struct.unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
+            off += 4 + 8 * n_dims + 12
+            infos.append((name, gguf.GGMLQuantizationType(kind), tuple(int(d) for d in shape), offset))
+        align = int(fields.get("general.alignment", 32))
+        start = -(-off // align) * align
+    except (ValueError, struct.error, KeyError, IndexError, UnicodeDecodeError, OSError) as e:
         raise StreamerError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    finally:
+        if isinstance(data, mmap.mmap):
+            buf.release()
+            data.close()
+    tensors = {}
+    for name, kind, shape, offset in infos:
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        rows, cols = (int(np.prod(shape[1:])), shape[0])
+        if cols % block:
+            raise StreamerError(f"{path}: tensor {name!r}: {cols} columns is not a whole number of {kind.name} blocks")
+        row_bytes = cols // block * size
+        if start + offset + rows * row_bytes > file_bytes:
+            raise StreamerError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
+        tensors[name] = GGUFTensor(name, kind, shape, Path(path), start + offset, rows, row_bytes)
+    return fields, tensors
 
 
 def dequantize_rows(data: np.ndarray, qtype) -> torch.Tensor:
     """Rows of a GGUF tensor's raw data (one row of blocks per matrix row) as float32 [rows, cols]."""
     import gguf
     T = gguf.GGMLQuantizationType
-    raw = torch.from_numpy(np.array(data))  # a copy: the reader's arrays are read-only memory maps
+    raw = torch.from_numpy(np.array(data))  # a copy: pread's bytes are read-only
     if qtype in (T.F32, T.F16):
         return raw.float()
     if qtype == T.BF16:
@@ -89,7 +191,7 @@ def dequantize_rows(data: np.ndarray, qtype) -> torch.Tensor:
 class GGUFMatrix:
     """One GGUF matrix as Meta's [rows, cols], dequantized only in the rows sliced from it."""
 
-    ROWS = 1024  # rows dequantized at a time when the whole matrix is written
+    ROWS = 256  # rows dequantized at a time when the whole matrix is read (8B's w2: 14 MB of float32)
 
     def __init__(self, owner: "GGUFCheckpoint", name: str):
         self.owner, self.name = owner, name
@@ -98,7 +200,7 @@ class GGUFMatrix:
 
     def rows(self, a: int, b: int) -> torch.Tensor:
         try:
-            return dequantize_rows(self.tensor.data[a:b], self.tensor.tensor_type)
+            return dequantize_rows(self.tensor.read(a, b), self.tensor.tensor_type)
         except StreamerError as e:
             raise StreamerError(f"{self.owner.path_of[self.name]}: tensor {self.name!r}: {e}") from None
 
@@ -123,12 +225,13 @@ class GGUFCheckpoint:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.paths = parts_of(self.path)
-        readers = [_open(p) for p in self.paths]
-        self.fields = readers[0].fields
         self.tensors, self.path_of = {}, {}
-        for p, r in zip(self.paths, readers):
-            for t in r.tensors:
-                self.tensors[t.name], self.path_of[t.name] = t, p
+        for i, p in enumerate(self.paths):
+            fields, tensors = read_gguf(p)
+            if i == 0:
+                self.fields = fields
+            for name, t in tensors.items():
+                self.tensors[name], self.path_of[name] = t, p
         arch = self.value("general.architecture")
         if arch != "llama":
             raise StreamerError(f"{self.path}: architecture {arch!r} is not 'llama'; streamer runs the llama "
@@ -138,19 +241,14 @@ class GGUFCheckpoint:
         self.tied = "output.weight" not in self.tensors
         self._check()
         self._whole: tuple[str, torch.Tensor] | None = None
+        self.hold_dtype = torch.float32  # whole matrices are held in this; split sets the dtype it writes
         self.rope_factor_from = "the GGUF's rope_freqs" if self.args.use_scaled_rope else None
         from .gguf_tokenizer import tokenizer_files
         self._tokenizer_files = tokenizer_files(self)
 
     # --- metadata --------------------------------------------------------------------------------------------
     def value(self, key: str, default=None):
-        field = self.fields.get(key)
-        if field is None:
-            return default
-        value = field.contents()
-        if isinstance(value, float):  # a float32: its shortest decimal (1e-05, not 9.999999747378752e-06)
-            return float(str(np.float32(value)))
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        return self.fields.get(key, default)
 
     def _need(self, key: str):
         value = self.value(key)
@@ -159,7 +257,7 @@ class GGUFCheckpoint:
         return value
 
     def shape_of(self, name: str) -> tuple[int, ...]:
-        return tuple(int(n) for n in reversed(self.tensors[name].shape.tolist()))  # ggml lists the fastest dim first
+        return tuple(reversed(self.tensors[name].shape))  # ggml lists the fastest dimension first
 
     def _args(self) -> ModelArgs:
         if "token_embd.weight" not in self.tensors:
@@ -197,7 +295,7 @@ class GGUFCheckpoint:
         """llama.cpp stores Llama 3.1's frequency scaling as per-frequency divisors: find the factor that gives them."""
         from .model import rope_frequencies
         t = self.tensors["rope_freqs.weight"]
-        got = dequantize_rows(t.data[None], t.tensor_type)[0]
+        got = dequantize_rows(t.read(), t.tensor_type)[0]
         base = rope_frequencies(args)
         for factor in _ROPE_FACTORS:
             scaled = replace(args, use_scaled_rope=True, rope_scale_factor=factor)
@@ -238,15 +336,15 @@ class GGUFCheckpoint:
         name = self._name(key)
         if len(self.shapes[key]) == 1:
             t = self.tensors[name]
-            return dequantize_rows(t.data[None], t.tensor_type)[0]
+            return dequantize_rows(t.read(), t.tensor_type)[0]
         return GGUFMatrix(self, name)
 
     def whole(self, name: str) -> torch.Tensor:
-        """A whole matrix in float32, kept until another is asked for (w2's column pieces reuse it)."""
+        """A whole matrix in hold_dtype, kept until another is asked for (w2's column pieces reuse it)."""
         if self._whole is None or self._whole[0] != name:
             self._whole = None
             m = GGUFMatrix(self, name)
-            out = torch.empty(m.shape)
+            out = torch.empty(m.shape, dtype=self.hold_dtype)
             for a in range(0, m.shape[0], m.ROWS):
                 out[a:a + m.ROWS] = m.rows(a, min(a + m.ROWS, m.shape[0]))
             self._whole = (name, out)

@@ -93,22 +93,24 @@ def file_tensors(args: ModelArgs, quantize: str | None = None) -> list[tuple[str
     With `quantize`, each matrix but the embedding becomes its codes and scales (quant.py)."""
     files = _files(args)
     if quantize:
-        files = [(f, [x for e in entries for x in _quantized(e, quantize)]) if f != "embedding.safetensors" else (f, entries)
-                 for f, entries in files]
+        held = {}  # one slot for the whole split: the matrix last quantized, until another one is
+        files = [(f, [x for e in entries for x in _quantized(e, quantize, held)]) if f != "embedding.safetensors"
+                 else (f, entries) for f, entries in files]
     return files
 
 
-def _quantized(entry: Entry, scheme: str) -> list[Entry]:
+def _quantized(entry: Entry, scheme: str, held: dict) -> list[Entry]:
     name, shape, make = entry[:3]
     if len(shape) != 2:
         return [entry]
-    memo = {}
+
+    me = object()  # this entry, whatever its name (every block has a "wo.0")
 
     def result(get):  # quantize once; the codes and the scales are written one after the other
-        if "w" not in memo:
-            memo.clear()
-            memo["w"] = quant.quantize(make(get), scheme)
-        return memo["w"]
+        if held.get("entry") is not me:
+            held.clear()  # the previous matrix first, so two are never held at once
+            held.update(entry=me, w=quant.quantize(make(get), scheme))
+        return held["w"]
     return [(n, s, lambda get, pick=pick: pick(result(get)), dt) for n, dt, s, pick in quant.stored(name, shape, scheme)]
 
 

@@ -20,6 +20,7 @@ from .files import drop_cache, sha256_file, write_atomic, write_json_atomic
 from .gguf_source import GGUFCheckpoint
 from .hf import HFCheckpoint
 from .layout import FORMAT, FORMAT_VERSION, LAYOUT, MANIFEST, PARTIAL, check_file, file_tensors
+from .memory import return_freed_memory
 from .quant import SCHEMES
 from .tokenizer import TOKENIZER_FILES
 from .weights import file_size_for, write_safetensors
@@ -55,9 +56,12 @@ def split(src: Path, dst: Path, dtype: str | None = None, progress: Callable[[in
     src, dst = Path(src), Path(dst)
     if quantize not in (None, *SCHEMES):
         raise StreamerError(f"must be one of {', '.join(SCHEMES)}, got {quantize!r}", param="quantize")
+    return_freed_memory()  # one dequantized or quantized matrix at a time must really be one
     ckpt = open_source(src)
     _choose_rope_factor(ckpt, rope_scaling_factor)
     out_dtype = DTYPE_CHOICES[dtype] if dtype else ckpt.dtype
+    if hasattr(ckpt, "hold_dtype"):  # a GGUF holds a dequantized matrix at a time: in the dtype written, no wider
+        ckpt.hold_dtype = out_dtype
     if dst.exists() and not dst.is_dir():
         raise StreamerError(f"{dst}: destination exists and is not a folder")
     contents = [(name, {e[0]: (e[3] if len(e) > 3 else out_dtype, e[1]) for e in entries}, entries)

@@ -117,7 +117,6 @@ def hf_encode(folder: Path, text: str) -> list[int]:
 def test_sentencepiece_hf_folder_runs_with_its_own_tokenizer_template_and_stops(tmp_path):
     """A Llama folder with Mistral's SentencePiece tokenizer.json: encodings, chat prompt and stop ids as
     transformers gives them, and streamed logprobs of that prompt as transformers' model computes them."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
     folder = hf_folder(tmp_path, {**GQA, "vocab_size": 32000})
     hf_tok = spm_hf_tokenizer(folder)
     split(folder, tmp_path / "layers")
@@ -131,16 +130,29 @@ def test_sentencepiece_hf_folder_runs_with_its_own_tokenizer_template_and_stops(
         ids = engine.prompt_ids(messages=MESSAGES)
         assert ids == list(hf_tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False))
         assert engine.stop_ids == {2, 7}  # eos_token </s>, and generation_config's list
-        steps = list(engine.stream(prompt_ids=ids, max_new_tokens=4, logprobs=1))
-    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert_greedy_matches_transformers(tmp_path / "layers", folder, messages=MESSAGES)
+
+
+def assert_greedy_matches_transformers(layers: Path, folder: Path, prompt: str | None = None, messages=None, n: int = 4):
+    """The split's own tokenizer encodes the prompt as transformers' does, and greedy tokens, their logprobs and
+    the streamed text equal transformers' generate on the HF folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    with Engine(layers, dtype="float32", max_seq_len=128, compile=False) as engine:
+        ids = engine.prompt_ids(prompt, messages=messages)
+        want = (hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+                if messages else hf_tok(prompt).input_ids)
+        assert ids == list(want)
+        steps = list(engine.stream(prompt_ids=ids, max_new_tokens=n, logprobs=1, stop=[]))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, output_scores=True,
-                          return_dict_in_generate=True, min_new_tokens=4)
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, min_new_tokens=n)
     ref = out.sequences[0, len(ids):].tolist()
     assert [s.token for s in steps] == ref
     assert_logprobs_close([s.logprob for s in steps],
                           [torch.log_softmax(sc[0].float(), -1)[t] for sc, t in zip(out.scores, ref)])
-    assert "".join(s.text for s in steps) == AutoTokenizer.from_pretrained(folder).decode(ref)
+    assert "".join(s.text for s in steps) == hf_tok.decode(ref)
 
 
 def test_sentencepiece_gguf_vocabulary_encodes_as_transformers(tmp_path):
@@ -200,15 +212,20 @@ def test_other_byte_level_bpe_runs_through_tokenizers(tmp_path):
     texts = TEXTS + [DEEPSEEK[128011] + "hi" + DEEPSEEK[128012]]
 
     def hf_pair(folder: Path, tokenizer) -> tuple:
-        folder.mkdir()
+        folder.mkdir(parents=True)
         tokenizer.save(str(folder / "tokenizer.json"))
         (folder / "tokenizer_config.json").write_text(json.dumps(
             {"bos_token": bos, "eos_token": DEEPSEEK[128001], "tokenizer_class": "PreTrainedTokenizerFast"}))
         return PreTrainedTokenizerFast.from_pretrained(folder), HFTokenizer(folder / "tokenizer.json")
 
-    hf_tok, tok = hf_pair(tmp_path / "full", fast)
+    folder = hf_folder(tmp_path / "model", {**GQA, "vocab_size": 128256, "n_layers": 1})  # random weights
+    hf_tok, tok = hf_pair(folder / "tok", fast)
     for text in texts:
         assert tok.encode(text, bos=True) == hf_tok(text).input_ids, text
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((folder / "tok" / name).read_bytes())
+    split(folder, tmp_path / "model_layers")
+    assert_greedy_matches_transformers(tmp_path / "model_layers", folder, texts[2])
 
     n = 16000  # the cut vocabulary: tokens below n, the merges among them, then the 256 special tokens
     spec = json.loads(fast.to_str())

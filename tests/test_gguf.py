@@ -143,3 +143,41 @@ def test_gguf_errors_name_the_file_and_what_is_wrong(tmp_path):
     with pytest.raises(StreamerError, match="qwen.gguf: architecture 'qwen2' is not 'llama'"):
         split(tmp_path / "qwen.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_header_reads_as_the_gguf_package_reads_it(tmp_path):
+    """read_gguf parses the header itself (the package's reader holds ~450 MB for a 128K vocabulary): every
+    metadata value and every tensor's type, shape and bytes agree with gguf.GGUFReader's."""
+    import numpy as np
+    from streamer.gguf_source import read_gguf
+    meta, _ = meta_and_split(tmp_path, "gqa")
+
+    def vocab(w):
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "▁a", "é", "🙂"] + [f"t{i}" for i in range(508)])
+        w.add_token_scores([0.0, -1.5, -2.25, -3.0] + [-4.0] * 508)
+        w.add_token_types([2, 1, 1, 1] + [1] * 508)
+        w.add_add_bos_token(True)
+        w.add_uint64("test.big", 2 ** 40 + 3)
+        w.add_int8("test.small", -5)
+        w.add_float64("test.f64", 0.1)
+        w.add_array("test.ints", [1, -2, 3])
+    make_gguf.write(meta, tmp_path / "m.gguf", "Q8_0", vocab=vocab, quiet=True)
+    fields, tensors = read_gguf(tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    want = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert set(fields) == set(want)
+    for key, value in want.items():
+        if isinstance(value, float) and reader.fields[key].types == [gguf.GGUFValueType.FLOAT32]:
+            assert np.float32(fields[key]) == np.float32(value), key
+        else:
+            assert fields[key] == value, key
+    assert set(tensors) == {t.name for t in reader.tensors}
+    for t in reader.tensors:
+        got = tensors[t.name]
+        assert (got.tensor_type, got.shape) == (t.tensor_type, tuple(int(n) for n in t.shape)), t.name
+        assert np.array_equal(got.read().reshape(-1).view(np.uint8), np.asarray(t.data).reshape(-1).view(np.uint8))
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) - 1000])
+    with pytest.raises(StreamerError, match=r"cut.gguf: tensor .* runs past the end of the file"):
+        split(tmp_path / "cut.gguf", tmp_path / "out")
