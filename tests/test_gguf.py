@@ -23,13 +23,6 @@ PROMPT = [1, 17, 42, 99, 5, 250, 3, 8, 120, 64, 7]
 NO_VOCAB = lambda w: None  # noqa: E731  (weights only; tokenizers are tested below)
 
 
-def meta_and_split(root: Path, shape: str, dtype=torch.float32) -> tuple[Path, Path]:
-    params, tied = SHAPES[shape]
-    meta = write_checkpoint(root / "meta", params, dtype, seed=1, tied=tied, tokenizer=False)
-    split(meta, root / "layers")
-    return meta, root / "layers"
-
-
 def gguf_split(meta: Path, root: Path, qtype: str, dtype: str | None = None, parts: int = 1) -> Path:
     make_gguf.write(meta, root / "m.gguf", qtype, vocab=NO_VOCAB, quiet=True, parts=parts)
     src = root / ("m-00001-of-%05d.gguf" % parts if parts > 1 else "m.gguf")
@@ -41,12 +34,30 @@ def weight_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("shape,qtype,dtype", [(s, "F32", None) for s in sorted(SHAPES)] + [("gqa", "BF16", torch.bfloat16)])
-def test_float_gguf_splits_exactly_as_the_meta_checkpoint(tmp_path, shape, qtype, dtype):
-    """An F32 or BF16 GGUF holds the checkpoint's exact values: every split file is byte for byte the Meta
-    split's, and so are the args (Llama 3.1's scaling read back from rope_freqs, a tied head from its absence)."""
-    meta, layers = meta_and_split(tmp_path, shape, dtype or torch.float32)
-    got = gguf_split(meta, tmp_path, qtype)
+# Two more shapes than the references': a head width other than dim / n_heads (GGUF's key_length), and linear
+# RoPE scaling (rope.scaling.type), as other families' GGUF files have them.
+GGUF_SHAPES = {**SHAPES, "head_dim_32": ({**SHAPES["gqa"][0], "head_dim": 32}, False),
+               "linear_rope": ({**SHAPES["gqa"][0], "rope_linear_factor": 4.0}, False)}
+FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def meta_and_split(root: Path, shape: str, dtype=torch.float32, quantize: str | None = None) -> tuple[Path, Path]:
+    params, tied = GGUF_SHAPES[shape]
+    meta = write_checkpoint(root / "meta", params, dtype, seed=1, tied=tied, tokenizer=False)
+    split(meta, root / "layers", quantize=quantize)
+    return meta, root / "layers"
+
+
+@pytest.mark.parametrize("shape,qtype,quantize", [(s, "F32", None) for s in sorted(GGUF_SHAPES)]
+                         + [("gqa", "F16", None), ("gqa", "BF16", None), ("gqa", "BF16", "int8"), ("gqa", "BF16", "int4")])
+def test_float_gguf_splits_exactly_as_the_meta_checkpoint(tmp_path, shape, qtype, quantize):
+    """An F32, F16 or BF16 GGUF holds the checkpoint's exact values: every split file is byte for byte the
+    Meta split's, re-quantized ones too, and so are the args (Llama 3.1's scaling read back from rope_freqs,
+    a tied head from its absence, the head width from key_length, linear scaling from its metadata)."""
+    meta, layers = meta_and_split(tmp_path, shape, FLOATS[qtype], quantize)
+    make_gguf.write(meta, tmp_path / "m.gguf", qtype, vocab=NO_VOCAB, quiet=True)
+    got = tmp_path / "got"
+    split(tmp_path / "m.gguf", got, quantize=quantize)
     assert weight_files(got) == weight_files(layers)
     for name in weight_files(layers):
         assert filecmp.cmp(got / name, layers / name, shallow=False), name

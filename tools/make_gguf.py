@@ -124,6 +124,9 @@ def write(folder: Path, out: Path, qtype: str = "BF16", vocab=None, quiet: bool 
         w.add_key_length(args.head_dim)
         w.add_value_length(args.head_dim)
     w.add_rope_freq_base(args.rope_theta)
+    if args.rope_linear_factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(args.rope_linear_factor)
     w.add_layer_norm_rms_eps(args.norm_eps)
     w.add_vocab_size(args.vocab_size)
     vocab(w)
