@@ -37,7 +37,7 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="a folder written by `streamer split`")
     p.add_argument("--prompt", help="prompt text (BOS is added)")
     p.add_argument("--prompt-ids", help="prompt as token ids, e.g. 128000,1820,4320")
-    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat format (Llama 3)")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's own chat template (Llama 3's chat format for Meta checkpoints)")
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the one in the model folder)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens")

@@ -92,6 +92,7 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
     Llama 3's 128K-token vocabulary and 280K merges it holds ~450 MB and takes ~10 s, more than a 512M cap
     allows. Tensor types, block sizes and dequantizers still come from the gguf package."""
     import gguf
+    data, buf = b"", None
     try:
         with open(path, "rb") as f:
             file_bytes = os.fstat(f.fileno()).st_size
@@ -146,8 +147,9 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
     except (ValueError, struct.error, KeyError, IndexError, UnicodeDecodeError, OSError) as e:
         raise StreamerError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     finally:
-        if isinstance(data, mmap.mmap):
+        if buf is not None:
             buf.release()
+        if isinstance(data, mmap.mmap):
             data.close()
     tensors = {}
     for name, kind, shape, offset in infos:
