@@ -344,6 +344,10 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", metavar="SIZE", help="RAM this run may use, e.g. 512M or 8G (default: the "
                    "memory cgroup's limit, or 85%% of the available memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on every machine of a Ray cluster (`auto`, or HOST:PORT of "
+                   "its head): one worker per machine, each reading MODEL at this same path; results still go to --out")
+    p.add_argument("--ray-chunk", type=int, metavar="N", help="requests handed to a Ray worker at a time (default: "
+                   "4 x --batch-size); a chunk whose worker dies runs again elsewhere")
     add_draft_options(p)
     return p
 
@@ -391,8 +395,17 @@ def main(args: argparse.Namespace) -> int:
                     requests.append({**obj, "id": rid})
             bar = tqdm(total=lines, initial=skipped + errors, unit="prompt", desc="batch", disable=args.quiet, file=sys.stderr)
             totals, t0 = {}, now()
-            for record in engine.batch(requests, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, totals=totals):
+            options = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed)
+            if args.ray:
+                from . import ray as on_ray
+                engine_options = dict(memory_budget=args.memory_budget, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                                      draft=args.draft, draft_tokens=args.draft_tokens, draft_branches=args.draft_branches)
+                records = on_ray.run_batch(args.ray, str(args.model), engine.files.manifest_sha256, requests,
+                                           engine_options, options, args.ray_chunk or 4 * args.batch_size, totals)
+            else:
+                records = engine.batch(requests, totals=totals, **options)
+            for record in records:
                 n = None
                 if "error" in record:
                     n, param = line_of[key(record["id"])], record.get("param")
