@@ -147,6 +147,10 @@ def run_batch(address: str, model: str, sha256: str, requests: Iterable[dict], e
             i, tries, part = running.pop(ref)
             try:
                 records, got = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:  # the job's own error (a budget too small, say): stop, by name
+                cause = getattr(e, "cause", None)
+                raise StreamerError(str(cause) if isinstance(cause, StreamerError) else
+                                    f"Ray worker {i}: {str(e).strip().splitlines()[-1]}") from None
             except ray.exceptions.RayActorError as e:
                 log.warning(f"Ray worker {i} died with {len(part)} requests ({type(e).__name__}); they run again")
                 if tries + 1 < RETRIES:

@@ -154,3 +154,13 @@ def test_ray_data_generate(cluster, home, local):
     got = ds.take_all()
     assert {tuple(sorted(r)) for r in got} == {("error", "finish_reason", "id", "text", "tokens", "usage")}
     assert {r["id"]: (list(r["tokens"]), r["text"], r["error"]) for r in got} == local
+
+
+def test_a_job_error_on_a_worker_is_one_line(cluster, home, tmp_path):
+    """A worker's own StreamerError (here a memory budget too small to plan) stops the job with its message,
+    not a Ray traceback."""
+    c, root = cluster
+    r = in_process("batch", "~/stories", root / "prompts.jsonl", "--out", tmp_path / "o.jsonl", "--ray", c.address,
+                   "--memory-budget", "1M", "--quiet")
+    assert r.returncode != 0
+    assert "a memory budget of 1 MiB cannot work" in r.stderr and "Traceback" not in r.stderr, r.stderr
