@@ -18,7 +18,7 @@ from test_errors import in_process
 # Loopback only: Ray otherwise swaps 127.0.0.1 for the machine's address (its setting for laptops, read at import)
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray")
-N_PROMPTS = 24
+N_PROMPTS = 12
 
 
 def node_args(home) -> dict:
