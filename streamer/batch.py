@@ -360,8 +360,9 @@ def main(args: argparse.Namespace) -> int:
     results = ResultLog(args.out)
     lines, requests, line_of, errors, skipped = 0, [], {}, 0, 0
     try:
-        with Engine(args.model, args.memory_budget, args.dtype, max_seq_len=args.max_seq_len, draft=args.draft,
-                    draft_tokens=args.draft_tokens, draft_branches=args.draft_branches) as engine:
+        engine_options = dict(memory_budget=args.memory_budget, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                              draft=args.draft, draft_tokens=args.draft_tokens, draft_branches=args.draft_branches)
+        with Engine(args.model, **engine_options) as engine:
             openai = {}  # key(id) -> the OpenAI request line, whose result goes out in OpenAI's format
 
             def write(record: dict, n: int | None = None) -> None:
@@ -398,9 +399,7 @@ def main(args: argparse.Namespace) -> int:
             options = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed)
             if args.ray:
-                from . import ray as on_ray
-                engine_options = dict(memory_budget=args.memory_budget, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                                      draft=args.draft, draft_tokens=args.draft_tokens, draft_branches=args.draft_branches)
+                from . import ray as on_ray  # every worker opens its Engine with the driver's options
                 records = on_ray.run_batch(args.ray, str(args.model), engine.files.manifest_sha256, requests,
                                            engine_options, options, args.ray_chunk or 4 * args.batch_size, totals)
             else:

@@ -178,9 +178,16 @@ class Engine:
 
     # --- running ------------------------------------------------------------------------------------------
     def runner(self, batch: int, context: int) -> Runner:
-        """The runner, planned for `batch` sequences of `context` tokens; kept while later calls fit its plan."""
+        """The runner, planned for `batch` sequences of `context` tokens; kept while later calls fit its plan.
+        A call that outgrows the plan gets one for at least the old batch and twice the old context (up to
+        max_seq_len), since a new plan loads every resident block again: prompts a few tokens longer each
+        time (a batch's chunks, a chat) would otherwise reload the model every call."""
         if self._runner and self.plan.batch >= batch and self.plan.context >= context:
             return self._runner
+        if self._runner:
+            old = self.plan
+            batch = max(batch, old.batch)
+            context = max(context, min(self.max_seq_len, 2 * old.context)) if context > old.context else old.context
         self.release()
         self.plan = plan(self.files, self.budget, batch, context, self.keep_resident,
                          draft=self.draft.files if self.draft else None)

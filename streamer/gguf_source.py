@@ -67,13 +67,14 @@ class GGUFTensor(NamedTuple):
     row_bytes: int
 
     def read(self, a: int = 0, b: int | None = None) -> np.ndarray:
-        """Rows a..b of the raw data: [rows, bytes per row] uint8, or the values for F32 / F16. Read with pread
+        """Rows a..b of the raw data: [rows, bytes per row] uint8, or the values for F32 / F16. Read with preadv
         rather than a memory map, so the pages are page cache the split drops, never the process's."""
         import gguf
         b = self.rows if b is None else b
+        raw = bytearray((b - a) * self.row_bytes)  # writable, so torch takes it without another copy
         with open(self.path, "rb") as f:
-            raw = os.pread(f.fileno(), (b - a) * self.row_bytes, self.offset + a * self.row_bytes)
-        if len(raw) != (b - a) * self.row_bytes:
+            got = os.preadv(f.fileno(), [raw], self.offset + a * self.row_bytes)
+        if got != len(raw):
             raise StreamerError(f"{self.path}: file ended early while reading tensor {self.name!r}")
         data = np.frombuffer(raw, np.uint8).reshape(b - a, self.row_bytes)
         if self.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -168,7 +169,7 @@ def dequantize_rows(data: np.ndarray, qtype) -> torch.Tensor:
     """Rows of a GGUF tensor's raw data (one row of blocks per matrix row) as float32 [rows, cols]."""
     import gguf
     T = gguf.GGMLQuantizationType
-    raw = torch.from_numpy(np.array(data))  # a copy: pread's bytes are read-only
+    raw = torch.from_numpy(data)
     if qtype in (T.F32, T.F16):
         return raw.float()
     if qtype == T.BF16:
@@ -184,7 +185,7 @@ def dequantize_rows(data: np.ndarray, qtype) -> torch.Tensor:
         codes = torch.cat([qs & 0xF, qs >> 4], dim=-1).float() - 8
         return (codes * scale).reshape(raw.shape[0], -1)
     try:
-        return torch.from_numpy(gguf.quants.dequantize(np.array(data), qtype)).float()
+        return torch.from_numpy(gguf.quants.dequantize(data, qtype)).float()
     except NotImplementedError:
         raise StreamerError(f"GGUF tensor type {qtype.name} cannot be dequantized (the gguf package has no "
                             "dequantizer for it); convert the file to another type with llama-quantize") from None

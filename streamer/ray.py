@@ -59,24 +59,8 @@ class Worker:
         return self.where, os.getpid(), self.error
 
     def run(self, requests: list[dict], options: dict) -> tuple[list[dict], dict]:
-        self._plan_for(requests, options)
         totals: dict = {}
         return list(self.engine.batch(requests, totals=totals, **options)), totals
-
-    def _plan_for(self, requests: list[dict], options: dict) -> None:
-        """Plan the runner for twice the longest prompt + answer seen, when a chunk needs more than the plan
-        has: Engine.batch replans for any longer context, and a new plan loads every resident block again
-        (a 1B model's 2.5 GB per chunk whose prompts ran a few tokens longer: 19% of a job's time, measured)."""
-        need = 0
-        for r in requests:
-            try:
-                ids = self.engine.prompt_ids(r.get("prompt"), prompt_ids=r.get("prompt_ids"), messages=r.get("messages"))
-                need = max(need, len(ids) + int(r.get("max_new_tokens", options.get("max_new_tokens", 256))))
-            except (StreamerError, TypeError, ValueError):
-                continue  # Engine.batch reports it
-        plan = self.engine.plan
-        if need and (plan is None or need > plan.context):
-            self.engine.runner(min(len(requests), options.get("batch_size", 32)), min(self.engine.max_seq_len, 2 * need))
 
 
 def start_workers(address: str, model: str, sha256: str, engine_options: dict) -> list:

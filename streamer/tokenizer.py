@@ -248,8 +248,6 @@ def load_tokenizer(path: Path):
 def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
     """Chat messages as prompt ids: the model's own chat template when its folder has one, else Llama 3's
     format for Meta's tokenizer."""
-    if tokenizer.chat.template is not None:
-        return tokenizer.encode_special(tokenizer.chat.render(messages))
-    if isinstance(tokenizer, Tokenizer):
+    if tokenizer.chat.template is None and isinstance(tokenizer, Tokenizer):
         return ChatFormat(tokenizer).encode_dialog(messages)
-    return tokenizer.encode_special(tokenizer.chat.render(messages))  # raises: no template
+    return tokenizer.encode_special(tokenizer.chat.render(messages))  # render names a missing template
