@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from . import openai_batch
+from .costs import AUTO_BATCH_MAX
 from .errors import StreamerError
 from .files import now, write_atomic
 from .generate import Sampler, SamplingParams, TextOut, chunk, step_of, verified
@@ -57,7 +58,8 @@ class Active:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # the K best per token, with logprobs=K
-    pending: list[int] = field(default_factory=list)  # ids to feed at the next step
+    pending: list[int] = field(default_factory=list)  # ids still to feed: the prompt's rest, or the last token
+    order: int = 0  # admitted as the order-th sequence: prompts are prefilled in this order
 
 
 def make_request(engine, obj, rid, defaults: dict, seed: int) -> Request:
@@ -107,22 +109,26 @@ def gather(records: Iterator[dict], n_of: dict, totals: dict) -> Iterator[dict]:
 
 
 def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=None, k: int = 0,
-              size=None) -> Iterator[dict]:
+              size=None, target=None) -> Iterator[dict]:
     """Continuous batching over cache.slots slots; yields each result record as its sequence finishes.
+    Each pass carries one token of every decoding sequence, then chunks of the prompts still prefilling, in
+    the order they were admitted, as many as `target` (costs.PassTarget) gives them room for (default: all,
+    within the runner's tokens per pass). A sequence samples once its whole prompt is in.
     With a draft, every pass in which all sequences decode also checks up to k draft tokens per sequence
     (or what `size` picks for the pass, shared among them), as generate.generate does for one."""
     waiting = list(reversed(requests))
     free = list(range(cache.slots - 1, -1, -1))
     active: dict[int, Active] = {}
     held = PrefixIndex()  # prompts whose keys and values are in the cache, by block prefix
+    computing, prompts = PrefixIndex(), {}  # prompts admitted and not yet all in the cache
     totals.update(drafted=0, accepted=0, draft_s=0.0, shared_prompt_tokens=0)
+    admissions = 0
     while waiting or active:
-        admitted, prompts = PrefixIndex(), {}  # this step's prompts, not yet computed
         while free and waiting:
             req = waiting[-1]
             src, n = held.longest(req.prompt, cache.tokens)
-            if admitted.longest(req.prompt, prompts)[1] > n:
-                break  # a prompt admitted now shares more of it: wait one step and copy that one's cache
+            if computing.longest(req.prompt, prompts)[1] > n:
+                break  # a prompt being computed shares more of it: wait until it is in and copy its cache
             slot = free.pop()
             waiting.pop()
             held.drop(slot)
@@ -133,11 +139,13 @@ def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=N
             cache.tokens[slot] = cache.tokens[slot][:n]
             totals["shared_prompt_tokens"] += n
             text = TextOut(tok, req.stop_text) if tok else None
-            active[slot] = Active(req, Sampler(req.params), text, pending=list(req.prompt[n:]))
-            admitted.add(slot, req.prompt)
+            active[slot] = Active(req, Sampler(req.params), text, pending=list(req.prompt[n:]), order=admissions)
+            admissions += 1
+            computing.add(slot, req.prompt)
             prompts[slot] = req.prompt
-        slots = sorted(active)
-        prefill = any(len(active[s].pending) > 1 for s in slots)
+        feed = _pass_tokens(active, target, runner.max_pass_tokens)
+        slots = sorted(feed)
+        prefill = any(len(active[s].pending) > 1 for s in active)
         t0 = now()
         trees = {s: NOTHING for s in slots} if prefill or not draft else _propose(draft, active, slots, k, size, runner)
         totals["draft_s"] += now() - t0
@@ -149,15 +157,22 @@ def run_batch(runner, cache, requests: list[Request], tok, totals: dict, draft=N
             bounds = list(accumulate((len(c[1]) for c in chunks), initial=0))
             rows = {s: logits[bounds[i]:bounds[i + 1]] for i, s in enumerate(slots)}
         else:
-            logits = runner.forward([(s, active[s].pending) for s in slots], cache, phase="prefill" if prefill else "decode")
+            logits = runner.forward([(s, feed[s]) for s in slots], cache, phase="prefill" if prefill else "decode")
             rows = {s: logits[i:i + 1] for i, s in enumerate(slots)}
+        fed = sum(len(feed[s]) + len(trees[s].tokens) for s in slots)
         if size is not None:
-            size.observe(now() - t1, sum(1 + len(t.tokens) for t in trees.values()))
+            size.observe(now() - t1, fed)
+        if target is not None:
+            target.observe(now() - t1, fed)
         totals["steps"] += 1
         for slot in slots:
             a, tree = active[slot], trees[slot]
+            a.pending = a.pending[len(feed[slot]):]
+            if a.pending:
+                continue  # more of its prompt to run
             if not a.tokens:  # its prompt is now all in the cache: later prompts may share it
                 held.add(slot, a.req.prompt)
+                computing.drop(slot)
             steps, kept = verified(rows[slot], tree, a.sampler)
             if tree.tokens:
                 totals["drafted"] += len(tree.tokens)
@@ -216,6 +231,21 @@ class PrefixIndex:
             best = (self.where[h], n)
         slot, n = best
         return best if n and list(held[slot][:n]) == list(tokens[:n]) else (None, 0)
+
+
+def _pass_tokens(active: dict[int, Active], target, limit: int) -> dict[int, list[int]]:
+    """The ids each sequence feeds in this pass: decoding ones their one token, then prompts in the order
+    they were admitted, as much of each as the target leaves room for (a prompt's last token counts as a
+    prompt's: it fits in any room)."""
+    decode = [s for s, a in active.items() if a.tokens]
+    room = target.prefill_room(len(decode)) if target is not None else max(limit - len(decode), 0)
+    feed = {s: active[s].pending for s in decode}
+    for s in sorted((s for s in active if not active[s].tokens), key=lambda s: active[s].order):
+        take = active[s].pending[:room] if room else active[s].pending[:1] if len(active[s].pending) == 1 else []
+        if take:
+            feed[s] = take
+            room -= len(take)
+    return feed
 
 
 def _propose(draft, active: dict, slots: list[int], k: int, size, runner) -> dict:
@@ -328,12 +358,23 @@ class ResultLog:
         self.f.close()
 
 
+def batch_size(text: str) -> int | str:
+    """--batch-size: a positive integer or auto."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}")
+    return int(text)
+
+
 def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="a folder written by `streamer split`")
     p.add_argument("prompts", type=Path, help="JSONL, one request a line: {id, prompt | messages | prompt_ids, "
                    "[max_new_tokens, temperature, top_p, seed, stop]}")
     p.add_argument("--out", type=Path, required=True, help="results JSONL (appended; rerun to resume)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences that share each pass over the weights")
+    p.add_argument("--batch-size", type=batch_size, default="auto", help="sequences that share each pass over the "
+                   "weights (auto: the most tokens/s that the memory budget allows, from this machine's disk and matmul "
+                   f"rates, up to {AUTO_BATCH_MAX})")
     p.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per prompt, for lines that set none")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for lines that set none (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass for lines that set none")
@@ -347,7 +388,7 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ray", metavar="ADDRESS", help="run on every machine of a Ray cluster (`auto`, or HOST:PORT of "
                    "its head): one worker per machine, each reading MODEL at this same path; results still go to --out")
     p.add_argument("--ray-chunk", type=int, metavar="N", help="requests handed to a Ray worker at a time (default: "
-                   "4 x --batch-size); a chunk whose worker dies runs again elsewhere")
+                   "4 x --batch-size, or 256 with auto); a chunk whose worker dies runs again elsewhere")
     add_draft_options(p)
     return p
 
@@ -401,7 +442,7 @@ def main(args: argparse.Namespace) -> int:
             if args.ray:
                 from . import ray as on_ray  # every worker opens its Engine with the driver's options
                 records = on_ray.run_batch(args.ray, str(args.model), engine.files.manifest_sha256, requests,
-                                           engine_options, options, args.ray_chunk or 4 * args.batch_size, totals)
+                                           engine_options, options, args.ray_chunk or (256 if args.batch_size == "auto" else 4 * args.batch_size), totals)
             else:
                 records = engine.batch(requests, totals=totals, **options)
             for record in records:
@@ -424,6 +465,7 @@ def main(args: argparse.Namespace) -> int:
     done = totals.get("prompts", 0)
     print(f"batch: {done} done, {errors} failed, {skipped} already in {args.out}; {totals.get('completion_tokens', 0)} "
           f"tokens in {secs:.1f} s ({totals.get('completion_tokens', 0) / max(secs, 1e-9):.2f} tokens/s, "
+          f"batch {totals.get('batch_size', '-')}{' (auto)' if args.batch_size == 'auto' else ''}, "
           f"{totals.get('steps', 0)} steps{_draft_summary(totals)}"
           + (f"; {totals['shared_prompt_tokens']} prompt tokens copied from shared prefixes, not recomputed"
              if totals.get("shared_prompt_tokens") else "") + f"); {report.summary()}", file=sys.stderr)

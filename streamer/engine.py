@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from . import batch as batching, kernels, speculative
+from . import batch as batching, costs, kernels, speculative
 from .budget import Plan, parse_size, plan
 from .errors import StreamerError
 from .generate import GenStats, SamplingParams, TextOut, check_prompt, generate as decode
@@ -261,7 +261,7 @@ class Engine:
                           [p.logprob for p in pieces], [p.top for p in pieces] if kw.get("logprobs") else None,
                           pieces[-1].finish_reason, ids, stats)
 
-    def batch(self, requests: Iterable[dict], *, batch_size: int = 32, max_new_tokens: int = 256,
+    def batch(self, requests: Iterable[dict], *, batch_size: int | str = "auto", max_new_tokens: int = 256,
               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str | int] | None = None,
               totals: dict | None = None) -> Iterator[dict]:
         """Run many requests, all active ones sharing each pass over the weights; yield each result as it
@@ -271,8 +271,8 @@ class Engine:
         yields {"id", "error"} (with "param" where a parameter is at fault) and the others go on. `totals`
         (a dict) receives prompts, prompt and completion tokens, steps (passes over the weights), prompt tokens
         copied from shared prefixes rather than recomputed, and with a draft its figures."""
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise StreamerError(f"must be a positive integer, got {batch_size!r}", param="batch_size")
+        if batch_size != "auto" and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0):
+            raise StreamerError(f"must be a positive integer or 'auto', got {batch_size!r}", param="batch_size")
         defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stop}
         self.sampling(**defaults)  # bad defaults fail the call, not each request
         todo = []
@@ -288,18 +288,32 @@ class Engine:
             return
         n_of = {batching.key(r.id): r.n for r in todo if r.n > 1}
         todo = [c for r in todo for c in batching.choices(r)]  # n completions run as n sequences
+        context = max(len(r.prompt) + r.params.max_new_tokens for r in todo)
+        if batch_size == "auto":
+            batch_size = self.auto_batch(len(todo), context)
         slots = min(batch_size, len(todo))
-        runner = self.runner(slots, max(len(r.prompt) + r.params.max_new_tokens for r in todo))
+        runner = self.runner(slots, context)
         cache = self.kv_cache(slots)
         drafter = self._drafter(slots)
+        target = costs.PassTarget(self.args, self.dtype, runner.max_pass_tokens)
+        totals["batch_size"] = slots
         try:
             yield from batching.gather(batching.run_batch(
                 runner, cache, todo, self.tokenizer, totals, drafter, self.draft_tokens or 0,
-                self._pass_size(drafter)), n_of, totals)
+                self._pass_size(drafter), target), n_of, totals)
         finally:
             cache.close()
             if self.draft and drafter:
                 drafter.close()
+
+    def auto_batch(self, n: int, context: int) -> int:
+        """The batch size with the most decode tokens/s for n sequences of up to `context` tokens under this
+        engine's budget (costs.choose_batch); the plan in use already holds any batch up to its own."""
+        if self._runner and self.plan.context >= context and self.plan.batch >= min(n, costs.AUTO_BATCH_MAX):
+            return min(n, self.plan.batch)
+        size, _ = costs.choose_batch(self.files, self.budget, n, context, self.dtype, self.keep_resident,
+                                     draft=self.draft.files if self.draft else None)
+        return size
 
     def _drafter(self, slots: int):
         """What proposes draft tokens for `slots` sequences: a draft model (kept in RAM, with its KV cache),

@@ -145,8 +145,8 @@ def run_batch(address: str, model: str, sha256: str, requests: Iterable[dict], e
                 pinging[workers[i].ready.remote()] = i
                 continue
             idle.append(i)
-            for k, v in got.items():
-                totals[k] = totals.get(k, 0) + v
+            for k, v in got.items():  # counts add up; a batch size is each worker's own: the largest is shown
+                totals[k] = max(totals.get(k, 0), v) if k == "batch_size" else totals.get(k, 0) + v
             yield from records
     finally:
         for w in workers:
@@ -166,7 +166,7 @@ class Generate:
                  max_seq_len: int | None = None, **options):
         from .engine import Engine
         self.engine = Engine(Path(model).expanduser(), memory_budget, dtype, max_seq_len=max_seq_len)
-        self.options = {"batch_size": 32, **options}
+        self.options = options
 
     def __call__(self, batch: dict):
         import pandas as pd

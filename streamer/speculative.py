@@ -10,17 +10,15 @@ continuations), or any object with propose(tokens, k) -> a Tree, or a list of up
 from __future__ import annotations
 
 import argparse
-import functools
 import heapq
 import math
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .budget import plan
+from .costs import flops_per_token, matmul_rate
 from .errors import StreamerError
 
 
@@ -201,7 +199,7 @@ class PassSize:
 
     def __init__(self, args, dtype: torch.dtype, share: float = 0.8, cap: int = 64):
         self.share, self.cap = share, cap
-        self.c = _flops_per_token(args) / _matmul_rate(args.dim, dtype)
+        self.c = flops_per_token(args) / matmul_rate(args.dim, dtype)
         self.read: float | None = None
 
     def observe(self, seconds: float, tokens: int) -> None:
@@ -212,24 +210,6 @@ class PassSize:
         if self.read is None:
             return 8
         return max(1, min(self.cap, int(self.share * self.read / self.c)))
-
-
-def _flops_per_token(args) -> float:
-    hd, ffn = args.head_dim, args.ffn_dim
-    block = args.dim * (args.n_heads + 2 * args.n_kv_heads) * hd + args.n_heads * hd * args.dim + 3 * args.dim * ffn
-    return 2.0 * (args.n_layers * block + args.dim * args.vocab_size)
-
-
-@functools.lru_cache(maxsize=None)
-def _matmul_rate(dim: int, dtype: torch.dtype, rows: int = 32) -> float:
-    """FLOP/s of [rows, dim] x [dim, dim] matmuls in dtype, the best of a few (measured once per process)."""
-    x, w = torch.randn(rows, dim).to(dtype), torch.randn(dim, dim).to(dtype)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        F.linear(x, w)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * rows * dim * dim / max(best, 1e-9)
 
 
 def check_draft(target, draft) -> None:

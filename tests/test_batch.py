@@ -1,5 +1,6 @@
 """Batch runs: equal to single runs, continuous batching, stop strings and chat lines, resumable after
 SIGKILL, bad lines recorded and retried."""
+import argparse
 import json
 import random
 import signal
@@ -7,10 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import STORIES, GQA, assert_logprobs_close, make_split, stream
-from streamer import Engine
+from streamer import Engine, ModelArgs
+from streamer.layout import ModelFiles
 from streamer.split import split
 from streamer.tokenizer import ChatFormat
 
@@ -179,3 +182,59 @@ def test_shared_prefixes_are_computed_once(tmp_path):
         assert [c["tokens"] for c in results["twice"]["choices"]] == [results["s0"]["tokens"]] * 2
         # s0 computes the 32 tokens of whole blocks; the others copy them (short: its 16, less its last token's block)
         assert totals["shared_prompt_tokens"] >= 32 * 4 + 16, totals
+
+
+def test_prompts_are_prefilled_in_chunks_within_the_pass_target(tmp_path):
+    """Chunked prefill: with 5 tokens a pass, each pass carries every decoding sequence's token and then chunks of
+    the prompts still prefilling; a prompt longer than a pass takes several, and nothing spills into a second
+    pass over the weights. The results equal single runs."""
+    folder = make_split(tmp_path, GQA)
+    lines = prompts(10, GQA["vocab_size"], seed=3)
+    sizes = []
+    with Engine(folder, dtype="float32", max_seq_len=256, runner_options={"max_pass_tokens": 5}) as engine:
+        runner = engine.runner(4, 64)
+        forward = runner.forward
+
+        def spy(chunks, cache, **kw):
+            sizes.append([len(c[1]) for c in chunks])
+            return forward(chunks, cache, **kw)
+        runner.forward = spy
+        results = {r["id"]: r for r in engine.batch(lines, batch_size=4)}
+    assert_equal_to_single_runs(folder, lines, results)
+    assert max(sum(s) for s in sizes) <= 5 and runner.io.passes == len(sizes)
+    assert any(1 in s and max(s) > 1 for s in sizes)  # decode tokens and a prompt's chunk in one pass
+    assert sum(map(sum, sizes)) == sum(len(l["prompt_ids"]) + l["max_new_tokens"] - 1 for l in lines)
+
+
+def test_pass_target_from_costs():
+    """PassTarget: prompt chunks fill a pass up to the target, or add a target's worth to a pass already full
+    of decode tokens, within the plan's limit; a read-bound pass raises the target to what its read covers."""
+    from streamer.costs import PassTarget
+    args = ModelArgs.from_params(GQA)
+    small = PassTarget(args, torch.float32, limit=4)
+    assert small.tokens() == 4 and small.prefill_room(1) == 3 and small.prefill_room(4) == 0
+    t = PassTarget(args, torch.float32, limit=4096)
+    assert t.tokens() == t.efficient and t.prefill_room(0) == t.efficient
+    assert t.prefill_room(t.efficient + 3) == t.efficient  # a full pass still lets prompts in
+    t.observe(60.0, 8)  # a minute for 8 tokens: read-bound, so tokens ride under the read up to the limit
+    assert t.read == 60.0 and t.tokens() == 4096 and t.prefill_room(100) == 3996
+
+
+def test_batch_size_auto_follows_the_costs(tmp_path):
+    """--batch-size auto: with every block streamed from a slow disk, a step costs its read whatever its rows, so
+    the most sequences win; the default batch size is auto and gives the same results."""
+    from streamer.batch import batch_size
+    from streamer.costs import choose_batch
+    folder = make_split(tmp_path, GQA)
+    size, costs = choose_batch(ModelFiles(folder), 1 << 30, 40, 64, torch.float32, keep_resident=False, disk_gbps=1e-6)
+    assert size == 40 and [c.batch for c in costs] == [1, 2, 4, 8, 16, 32, 40]
+    assert all(c.step_s == c.read_s for c in costs)
+    lines = prompts(6, GQA["vocab_size"], seed=4)
+    fixed, _ = run(folder, lines, batch_size=2)
+    auto, totals = run(folder, lines, batch_size="auto")
+    assert 1 <= totals["batch_size"] <= 6
+    assert {k: v["tokens"] for k, v in auto.items()} == {k: v["tokens"] for k, v in fixed.items()}
+    assert batch_size("auto") == "auto" and batch_size("12") == 12
+    for bad in ("0", "x", "-3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive integer or auto"):
+            batch_size(bad)

@@ -14,6 +14,17 @@ from streamer.synthetic import PRESETS
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny preset written by tools/make_checkpoint.py, and its split: shared by the tools' smoke runs,
+    which only read them."""
+    root = tmp_path_factory.mktemp("tiny")
+    meta = root / "meta"
+    subprocess.run([sys.executable, TOOLS / "make_checkpoint.py", meta, "--preset", "tiny"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "streamer", "split", meta, root / "layers", "--quiet"], check=True, capture_output=True)
+    return meta, root / "layers"
+
+
 def test_presets_have_the_real_sizes():
     count = {k: sum(torch.Size(s).numel() for s in expected_shapes(ModelArgs.from_params(p)).values()) for k, p in PRESETS.items()}
     assert count["8b"] == 8_030_261_248
@@ -22,13 +33,11 @@ def test_presets_have_the_real_sizes():
     assert ModelArgs.from_params(PRESETS["3b"]).ffn_dim == 8192
 
 
-def test_bench_smoke(tmp_path):
-    meta = tmp_path / "meta"
-    subprocess.run([sys.executable, TOOLS / "make_checkpoint.py", meta, "--preset", "tiny"], check=True, capture_output=True)
-    for q in ("", "int4"):  # prefill and int8 run the same code as batch and int4 (bench.run_steps): left out for time
-        subprocess.run([sys.executable, "-m", "streamer", "split", meta, tmp_path / (q or "layers"), "--quiet"]
-                       + (["--quantize", q] if q else []), check=True, capture_output=True)
-    r = subprocess.run([sys.executable, TOOLS / "bench.py", tmp_path / "layers", "--cap", "none", "--warm", "--steps", "1",
+def test_bench_smoke(tmp_path, tiny):
+    meta, layers = tiny  # prefill and int8 run the same code as batch and int4 (bench.run_steps): left out for time
+    subprocess.run([sys.executable, "-m", "streamer", "split", meta, tmp_path / "int4", "--quiet", "--quantize", "int4"],
+                   check=True, capture_output=True)
+    r = subprocess.run([sys.executable, TOOLS / "bench.py", layers, "--cap", "none", "--warm", "--steps", "1",
                         "--cases", "floor,matmul,batch,int4,resident", "--batches", "2", "--compile", "off",
                         "--int4", tmp_path / "int4"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -36,7 +45,7 @@ def test_bench_smoke(tmp_path):
                 "decode step, all resident", "loading them"):
         assert row in r.stdout, r.stdout
     assert "failed" not in r.stdout
-    r = subprocess.run([sys.executable, TOOLS / "bench_memory.py", meta, tmp_path / "layers", "--caps", "none", "--budgets", "",
+    r = subprocess.run([sys.executable, TOOLS / "bench_memory.py", meta, layers, "--caps", "none", "--budgets", "",
                         "--new-tokens", "2", "--warm", "--out", tmp_path / "m.md", "--plot", tmp_path / "m.png"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -44,17 +53,14 @@ def test_bench_smoke(tmp_path):
 
 
 @pytest.mark.skipif(not available()[0], reason=f"memcap cannot run here: {available()[1]}")
-def test_bench_caps_smoke(tmp_path):
-    meta = tmp_path / "meta"
-    subprocess.run([sys.executable, TOOLS / "make_checkpoint.py", meta, "--preset", "tiny"], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "streamer", "split", meta, tmp_path / "layers", "--quiet"], check=True, capture_output=True)
-    r = subprocess.run([sys.executable, TOOLS / "bench_caps.py", tmp_path / "layers", "--caps", "384M,1G", "--new-tokens", "4",
+def test_bench_caps_smoke(tiny):
+    r = subprocess.run([sys.executable, TOOLS / "bench_caps.py", tiny[1], "--caps", "384M,1G", "--new-tokens", "4",
                         "--prompt-len", "8"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "| 384M |" in r.stdout and "| 1G |" in r.stdout and "384M against 1G: ratio of medians" in r.stdout, r.stdout
 
 
-def test_make_gguf_writes_what_llama_cpp_reads(tmp_path):
+def test_make_gguf_writes_what_llama_cpp_reads(tmp_path, tiny):
     """tools/make_gguf.py: llama.cpp's names and metadata, the checkpoint's exact tensors (q/k in Meta's order,
     as llama.cpp's converter writes them), and a vocabulary whose byte-level BPE merges encode as tiktoken does."""
     import gguf
@@ -63,8 +69,7 @@ def test_make_gguf_writes_what_llama_cpp_reads(tmp_path):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from streamer.tokenizer import PAT_STR, Tokenizer as Llama3Tokenizer
 
-    meta = tmp_path / "meta"
-    subprocess.run([sys.executable, TOOLS / "make_checkpoint.py", meta, "--preset", "tiny"], check=True, capture_output=True)
+    meta = tiny[0]
     r = subprocess.run([sys.executable, TOOLS / "make_gguf.py", meta, tmp_path / "m.gguf"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     fields, tensors = read_gguf(tmp_path / "m.gguf")  # checked against gguf.GGUFReader in test_gguf.py, ~10x faster
@@ -106,12 +111,8 @@ def test_make_gguf_writes_what_llama_cpp_reads(tmp_path):
     assert (tmp_path / "from_gguf" / "tokenizer.model").read_bytes() == (meta / "tokenizer.model").read_bytes()
 
 
-def test_bench_spec_smoke(tmp_path):
-    meta = tmp_path / "meta"
-    subprocess.run([sys.executable, TOOLS / "make_checkpoint.py", meta, "--preset", "tiny"], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "streamer", "split", meta, tmp_path / "layers", "--quiet"], check=True,
-                   capture_output=True)
-    r = subprocess.run([sys.executable, TOOLS / "bench_spec.py", tmp_path / "layers", "--drafts", "oracle",
+def test_bench_spec_smoke(tiny):
+    r = subprocess.run([sys.executable, TOOLS / "bench_spec.py", tiny[1], "--drafts", "oracle",
                         "--draft-tokens", "4", "--branches", "1,2", "--tokens", "6", "--dtype", "float32"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

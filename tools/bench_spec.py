@@ -77,7 +77,8 @@ def worker_passes(a) -> dict:
     import torch
     from streamer import Engine
     from streamer.generate import chunk
-    from streamer.speculative import NOTHING, Tree, _flops_per_token, _matmul_rate
+    from streamer.costs import flops_per_token, matmul_rate
+    from streamer.speculative import NOTHING, Tree
     torch.set_num_threads(2)
     ids = [int(t) for t in a.ids.split(",")]
     sizes = [int(t) for t in a.pass_cost.split(",")]
@@ -104,8 +105,8 @@ def worker_passes(a) -> dict:
                 times[t].append(time.perf_counter() - t0)
                 last = int(logits[0].argmax())
                 cache.keep_rows(0, start, [0])
-        rate = {t: _matmul_rate(engine.args.dim, engine.dtype, rows=t + 1) for t in sizes}
-        flops = _flops_per_token(engine.args)
+        rate = {t: matmul_rate(engine.args.dim, engine.dtype, rows=t + 1) for t in sizes}
+        flops = flops_per_token(engine.args)
     return {"times": {str(t): v for t, v in times.items()}, "compute_s": {str(t): (t + 1) * flops / rate[t] for t in sizes},
             "streamed_bytes": sum(p.stat().st_size for p in streamed), "reads": reads}
 
