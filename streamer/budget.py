@@ -64,6 +64,8 @@ def cgroup_limit(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgro
 
 
 HEADROOM = 0.85  # of the memory the kernel calls available
+MARGIN = 0.05  # of the budget, held back for what the plan does not model: allocator slack, GEMM workspaces, page
+# cache a cgroup reclaims late (batch prefills under 4G and 7G peaked 2-3% over plans that filled the whole budget)
 CODE_CACHE = 160 << 20  # page cache the runtime's code needs (torch's libraries): counted by a cgroup, measured ~100-150 MiB
 
 
@@ -139,13 +141,14 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
     work. keep_resident=False streams every file. A draft model (speculative decoding) is kept whole in RAM and
     takes its share first."""
     budget = available_memory() if budget is None else budget
+    usable = int(budget * (1 - MARGIN))
     held = draft_bytes(draft, context, batch) if draft is not None else 0
     names = files.step_files()
     sizes = {n: files.files[n]["bytes"] for n in names}
     ring_min = min_ring_bytes([p for n in names for p in file_pieces(files.folder / n, files.headers[n])])
     a = files.args
     kv_block = 2 * batch * context * a.n_kv_heads * a.head_dim * 2
-    room = budget - BASELINE - kv_block - held
+    room = usable - BASELINE - kv_block - held
     tokens = min(MAX_PASS_TOKENS, batch * context)  # a pass never holds more than every sequence's whole context
     while tokens > batch and activation_bytes(files, tokens, batch, context) > max(room - ring_min, 0) / 2:
         tokens //= 2
@@ -155,8 +158,8 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
         need = {"runtime": BASELINE, "weight ring": ring_min, "activations": act, "KV of one block": kv_block,
                 **({f"draft model ({draft.folder.name}, whole)": held} if held else {})}
         raise StreamerError(f"a memory budget of {mib(budget)} cannot work for batch {batch}, context {context}: it needs "
-                            f"at least {mib(sum(need.values()))} = " + " + ".join(f"{k} {mib(v)}" for k, v in need.items())
-                            + " (the smallest ring)")
+                            f"at least {mib(sum(need.values()) / (1 - MARGIN))} = " + " + ".join(f"{k} {mib(v)}" for k, v in need.items())
+                            + f" (the smallest ring), with {MARGIN:.0%} of the budget held back")
     code = min(CODE_CACHE, room - act - ring_min)  # the runtime's code pages come first; below that, steps slow down
     spare = room - act - code
     if code < CODE_CACHE:
@@ -204,7 +207,8 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="a folder written by `streamer split`")
     p.add_argument("--memory-budget", metavar="SIZE", help="the RAM a run may use, e.g. 512M, 4G "
                    "(default: the memory cgroup's limit, or 85%% of the available memory)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences that share each pass over the weights")
+    p.add_argument("--batch-size", default="1", help="sequences that share each pass over the weights, or auto: the "
+                   "batch size `streamer batch` would pick for as many prompts (each candidate's predicted step shown)")
     p.add_argument("--context", type=int, default=2048, help="tokens per sequence (prompt + new)")
     p.add_argument("--draft", type=Path, metavar="MODEL", help="a speculative draft model, kept whole in RAM: its share "
                    "comes out of the budget first")
@@ -213,17 +217,22 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    for name in ("batch_size", "context"):
-        if getattr(args, name) <= 0:
-            raise StreamerError(f"must be a positive integer, got {getattr(args, name)}", param=name)
+    if args.context <= 0:
+        raise StreamerError(f"must be a positive integer, got {args.context}", param="context")
+    auto = args.batch_size == "auto"
+    if not auto and (not args.batch_size.isdigit() or int(args.batch_size) <= 0):
+        raise StreamerError(f"must be a positive integer or auto, got {args.batch_size!r}", param="batch_size")
     files = ModelFiles(args.model)
     draft = ModelFiles(args.draft) if args.draft else None
-    p = plan(files, parse_size(args.memory_budget, "memory_budget") if args.memory_budget else None, args.batch_size,
-             args.context, draft=draft)
+    budget = parse_size(args.memory_budget, "memory_budget") if args.memory_budget else None
     gbps = args.disk_gbps or measure_disk(files)
+    if auto:
+        args.batch_size = _auto_batch(files, budget, args.context, draft, gbps)
+    p = plan(files, budget, int(args.batch_size), args.context, draft=draft)
     blocks = [n for n in p.resident if n.startswith("block_")]
     print(f"memory budget {mib(p.budget)} for batch {args.batch_size}, context {args.context}:")
-    print(f"  predicted peak   {mib(p.predicted_peak)} = " + " + ".join(f"{k} {mib(v)}" for k, v in p.breakdown().items()))
+    print(f"  predicted peak   {mib(p.predicted_peak)} = " + " + ".join(f"{k} {mib(v)}" for k, v in p.breakdown().items())
+          + f"; {MARGIN:.0%} of the budget held back")
     head = ", and the head" if "head.safetensors" in p.resident else ""
     print(f"  resident         {len(blocks)} of {files.args.n_layers} blocks{head}"
           + (f" ({blocks[0]} .. {blocks[-1]})" if blocks else "")
@@ -240,3 +249,18 @@ def main(args: argparse.Namespace) -> int:
     print(f"  disk-bound floor {p.bytes_per_step / 1e9 / gbps:.2f} s per decode step at {gbps:.2f} GB/s"
           + ("" if args.disk_gbps else " (measured)"))
     return 0
+
+
+def _auto_batch(files: ModelFiles, budget: int | None, context: int, draft, gbps: float) -> int:
+    """Print what `--batch-size auto` weighs for a large job (costs.choose_batch) and return its pick."""
+    from .costs import AUTO_BATCH_MAX, choose_batch
+    from .engine import pick_dtype
+    dtype = pick_dtype("auto")
+    size, costs = choose_batch(files, budget, AUTO_BATCH_MAX, context, dtype, draft=draft, disk_gbps=gbps)
+    print(f"batch size auto, for {AUTO_BATCH_MAX} or more prompts of up to {context} tokens ({str(dtype).removeprefix('torch.')}, "
+          f"disk {gbps:.2f} GB/s): {size}")
+    print("  batch  read s  matmul s  step s  decode tokens/s  KV read from disk")
+    for c in costs:
+        print(f"  {c.batch:>5}  {c.read_s:>6.2f}  {c.compute_s:>8.2f}  {c.step_s:>6.2f}  {c.tokens_per_s:>15.2f}  "
+              f"{mib(c.kv_disk_bytes) if c.kv_disk_bytes else '-'}" + ("  <- picked" if c.batch == size else ""))
+    return size

@@ -145,5 +145,5 @@ def choose_batch(files, budget: int | None, n: int, context: int, dtype: torch.d
                        reads[b] - plans[b].bytes_per_step) for b in plans]
     best = max(c.tokens_per_s for c in costs)
     pick = next(c for c in costs if c.tokens_per_s >= AUTO_TOLERANCE * best)
-    log.info(f"batch size auto: {pick.batch} ({pick.tokens_per_s:.1f} decode tokens/s predicted)")
+    log.debug(f"batch size auto: {pick.batch} ({pick.tokens_per_s:.1f} decode tokens/s predicted)")
     return pick.batch, costs

@@ -73,7 +73,7 @@ def test_breakdown_adds_up_to_the_peak_and_fits_the_budget(folder, mib):
 
 def test_short_runs_give_the_ring_what_long_prompts_would_take(folder):
     files = ModelFiles(folder)
-    budget = BASELINE + (200 << 20)
+    budget = BASELINE + (224 << 20)
     short, long = plan(files, budget, batch=1, context=80), plan(files, budget, batch=1, context=8192)
     assert short.max_pass_tokens == 80  # a pass never needs more rows than the whole context
     assert short.activations < long.activations
@@ -91,7 +91,7 @@ def test_plan_command(folder):
     assert r.returncode == 0 and "6 of 6 blocks, and the head" in r.stdout, r.stderr
     assert ("as mapped file pages" if cgroup_limit() is None else "in private memory") in r.stdout
     peak = next(l for l in r.stdout.splitlines() if "predicted peak" in l)
-    total, parts = peak.split("predicted peak")[1].split("=")
+    total, parts = peak.split("predicted peak")[1].split(";")[0].split("=")
     mib = lambda s: float(s.strip().split()[-2].replace(",", ""))
     assert abs(mib(total) - sum(mib(p) for p in parts.split("+"))) <= len(parts.split("+"))  # it adds up (rounding)
     r = cli("plan", folder, "--memory-budget", "64M")
@@ -99,7 +99,11 @@ def test_plan_command(folder):
     for term in ("runtime", "weight ring", "activations", "KV of one block"):  # the same terms as the breakdown
         assert term in r.stderr and term in peak
     r = cli("plan", folder, "--batch-size", "0")
-    assert r.returncode == 2 and "--batch-size must be a positive integer, got 0" in r.stderr
+    assert r.returncode == 2 and "--batch-size must be a positive integer or auto, got '0'" in r.stderr
+    r = cli("plan", folder, "--memory-budget", "8G", "--disk-gbps", "2", "--batch-size", "auto", "--context", "64")
+    picked = [l for l in r.stdout.splitlines() if l.endswith("<- picked")]
+    assert r.returncode == 0 and len(picked) == 1, r.stdout + r.stderr
+    assert f"memory budget 8,192 MiB for batch {picked[0].split()[0]}, context 64" in r.stdout
 
 
 V1 = "9:name=systemd:/\n4:memory:/jobs/a1\n1:cpu:/\n0::/\n"

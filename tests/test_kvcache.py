@@ -7,7 +7,7 @@ import torch
 from conftest import assert_logprobs_close, GQA, SCALED, make_split, stream
 from streamer import DiskKVCache, Engine, MemoryKVCache, ModelFiles, Runner, StreamerError
 from streamer.kvcache import SplitKVCache
-from streamer.budget import BASELINE, plan
+from streamer.budget import BASELINE, MARGIN, plan
 
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93]
 
@@ -59,7 +59,7 @@ def test_kv_cache_split_between_ram_and_disk(tmp_path):
     context = len(PROMPT) + 8  # what Engine.batch plans for these lines
     whole = plan(files, 8 << 30, batch=4, context=context)
     per_slot = whole.kv_ram // 4
-    two = plan(files, whole.predicted_peak - 2 * per_slot + per_slot // 2, batch=4, context=context)
+    two = plan(files, int((whole.predicted_peak - 2 * per_slot + per_slot // 2) / (1 - MARGIN)), batch=4, context=context)
     assert (two.kv_slots, two.kv_ram, two.resident) == (2, 2 * per_slot, whole.resident)
     lines = [{"id": i, "prompt_ids": PROMPT[i:] + PROMPT[:i], "max_new_tokens": 8} for i in range(6)]
     with Engine(folder, two.budget, dtype="float32", max_seq_len=64) as engine:

@@ -172,11 +172,14 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
     kv_disk = sum(p.stat().st_blocks * 512 for p in cache.dir.glob("*.kv")) if hasattr(cache, "dir") else 0
     cache.close()
     mem = engine.memory()
-    engine.close()
+    engine.close()  # before measuring the matmul rate, whose matrices would not fit beside the plan under a cap
+    from streamer.costs import flops_per_token  # the step's compute floor: its rows at the matmul rate of that many rows
+    compute_floor = batch * flops_per_token(files.args) / matmul_rate(files.args.dim, files.args.ffn_dim, batch)
     out = {"batch": batch, "prompt_len": prompt_len, "prefill_s": prefill, "step_s": sorted(times)[len(times) // 2],
            "steps": times, "bytes_per_step": nbytes, "kv_bytes_on_disk": kv_disk, "peak_private": mem.peak["private"],
            "peak_rss": mem.peak["rss"], "prefill_flops": block_flops(files.args, batch * prompt_len),
-           "load_s": load, "resident_bytes": engine.plan.resident_bytes, "compiled": runner.compiled}
+           "load_s": load, "resident_bytes": engine.plan.resident_bytes, "compiled": runner.compiled,
+           "compute_floor_s": compute_floor, "kv_in_ram": engine.plan.kv_slots}
     if floors:
         ratios = sorted(t / f["seconds"] for t, f in zip(times, floors))
         out |= {"floors": floors, "paired_floor_s": sorted(f["seconds"] for f in floors)[len(floors) // 2],
@@ -234,7 +237,7 @@ def worker(case: str, model: Path, a) -> dict:
     if case.startswith("floor"):
         return cold_read(step_files(model), int(case.removeprefix("floor")))
     if case == "membw":
-        return {"read_bps": memory_read_rate()}
+        return {"read_bps": memory_read_rate(min(4 << 30, a.cap_bytes // 4))}  # a quarter of a cap, at most 4 GiB
     if case == "gemv":
         return gemv_rates([(1024, args.dim), (args.dim, 1024), (2048, args.dim)])
     if case == "resident":  # every block in RAM (run it with --cap none on a machine that holds the model)
@@ -242,7 +245,7 @@ def worker(case: str, model: Path, a) -> dict:
     if case == "matmul":
         return {"decode_flops": matmul_rate(args.dim, args.ffn_dim, 1), "prefill_flops": matmul_rate(args.dim, args.ffn_dim, 512)}
     if case.startswith("batch"):
-        return run_steps(model, int(case.removeprefix("batch")), 16, a.steps, paired=a.paired, compile=compile)
+        return run_steps(model, int(case.removeprefix("batch")), a.prompt_len, a.steps, paired=a.paired, compile=compile)
     if case == "prefill":
         return run_steps(model, 1, 512, 1, compile=compile)
     if case == "longctx":
@@ -275,7 +278,8 @@ def drop_caches() -> None:
 def measure(case: str, model: Path, cap: str, a) -> dict:
     if not a.warm:
         drop_caches()
-    cmd = [sys.executable, __file__, str(model), "--worker", case, "--steps", str(a.steps), "--compile", a.compile]
+    cmd = [sys.executable, __file__, str(model), "--worker", case, "--steps", str(a.steps), "--compile", a.compile,
+           "--prompt-len", str(a.prompt_len)]
     cmd += ["--paired" if a.paired else "--no-paired"]
     for opt in ("int8", "int4", "hf"):
         if getattr(a, opt):
@@ -300,6 +304,7 @@ def main() -> None:
     p.add_argument("--cases", default="floor,matmul,batch1,prefill")
     p.add_argument("--batches", default="1,8,32,64", help="batch sizes for the `batch` case")
     p.add_argument("--steps", type=int, default=3, help="decode steps per batch case (median reported)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence in the batch cases")
     p.add_argument("--longctx-cap", default="1G")
     p.add_argument("--int8", type=Path, help="the same model split with --quantize int8 (case int8)")
     p.add_argument("--int4", type=Path, help="the same model split with --quantize int4 (case int4)")
@@ -363,7 +368,7 @@ def report(res: dict, a) -> str:
     best_gbps = max((f["gbps"] for f in floors), default=None)
     membw = res.get("membw", {}).get("read_bps")
     if membw:
-        rows.append(f"| memory read rate (sum over 4 GiB) | {membw / 1e9:.1f} GB/s | | |")
+        rows.append(f"| memory read rate (sum over up to 4 GiB) | {membw / 1e9:.1f} GB/s | | |")
     for name, rate in res.get("gemv", {}).items():
         if isinstance(rate, float):
             rows.append(f"| one-row bf16 matmul, {name} | {rate:.1f} GB/s of weights | {membw / 1e9:.1f} GB/s (memory) | "
@@ -386,6 +391,12 @@ def report(res: dict, a) -> str:
     for k, r in res.items():
         if (k.startswith("batch") or k in ("int8", "int4")) and "step_s" in r:
             floor, ratio = _disk_floor(r, best_gbps, membw)
+            if k.startswith("batch") and "compute_floor_s" in r and best_gbps and "paired_ratio" not in r:
+                disk = r["bytes_per_step"] / 1e9 / best_gbps + (r.get("resident_bytes", 0) / membw if membw else 0.0)
+                bound = max(disk, r["compute_floor_s"])
+                floor = (f"{bound:.2f} s = max({disk:.2f} s read, {r['compute_floor_s']:.2f} s matmul of {r['batch']} rows); "
+                         f"{r['batch'] / bound:.2f} tokens/s")
+                ratio = f"{r['step_s'] / bound:.2f} ({bound / r['step_s']:.2f}x the floor-bound tokens/s)"
             what = f"batch {r['batch']}" if k.startswith("batch") else f"{k} files, batch 1"
             vs = f"{r['step_s'] / base:.2f}x the bf16 batch-1 step; " if base and k != "batch1" else ""
             rows.append(f"| decode step, {what} ({r['bytes_per_step'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "
