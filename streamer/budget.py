@@ -135,11 +135,12 @@ def draft_bytes(files: ModelFiles, context: int, batch: int = 1) -> int:
 
 
 def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: int = 2048,
-         keep_resident: bool = True, draft: ModelFiles | None = None) -> Plan:
+         keep_resident: bool = True, draft: ModelFiles | None = None, kv_first: bool = False) -> Plan:
     """Split `budget` (default: the available memory) into activations, the ring and resident files, and keep
     the whole KV cache in RAM when it fits in what they leave, else as many sequences' as fit; refuse, naming what does not fit, when it cannot
     work. keep_resident=False streams every file. A draft model (speculative decoding) is kept whole in RAM and
-    takes its share first."""
+    takes its share first. kv_first=True keeps as many sequences' KV cache in RAM as fit before any block is
+    made resident (a big batch, whose KV rows on disk would cost more per step than streaming those blocks)."""
     budget = available_memory() if budget is None else budget
     usable = int(budget * (1 - MARGIN))
     held = draft_bytes(draft, context, batch) if draft is not None else 0
@@ -166,11 +167,14 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
         log.warning(f"a memory budget of {mib(budget)} leaves torch's code only {mib(code)} of page cache; "
                     f"expect slower steps below ~{mib(BASELINE + CODE_CACHE + act + kv_block + ring_min)}")
     resident: list[str] = []
-    if keep_resident and spare >= sum(sizes.values()):  # everything fits: nothing streams
+    per_slot = a.n_layers * kv_block // batch  # one sequence's whole KV cache
+    if keep_resident and spare >= sum(sizes.values()) + (batch * per_slot if kv_first else 0):  # nothing streams
         resident, ring = list(names), 0
     else:
         ring = max(min(spare, RING_CAP, 2 * max(sizes.values())), ring_min)
         left = spare - ring if keep_resident else 0
+        if kv_first:
+            left -= min(batch, max(left, 0) // per_slot) * per_slot
         for n in sorted(names, key=lambda n: sizes[n]):  # as many files as fit beside the ring
             if sizes[n] <= left and len(resident) < len(names) - 1:
                 resident.append(n)
@@ -178,7 +182,6 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
     resident.sort(key=names.index)
     streamed = sum(sizes[n] for n in names if n not in resident)
     left = spare - ring - sum(sizes[n] for n in resident)
-    per_slot = a.n_layers * kv_block // batch  # one sequence's whole KV cache
     kv_slots = min(batch, max(left, 0) // per_slot) if keep_resident else 0  # as many sequences' as fit, in RAM
     kv_ram = kv_slots * per_slot
     # Resident files: under a memory cgroup, private copies, which the kernel cannot drop, so the budget holds
@@ -228,7 +231,7 @@ def main(args: argparse.Namespace) -> int:
     gbps = args.disk_gbps or measure_disk(files)
     if auto:
         args.batch_size = _auto_batch(files, budget, args.context, draft, gbps)
-    p = plan(files, budget, int(args.batch_size), args.context, draft=draft)
+    p = plan(files, budget, int(args.batch_size), args.context, draft=draft, kv_first=auto)
     blocks = [n for n in p.resident if n.startswith("block_")]
     print(f"memory budget {mib(p.budget)} for batch {args.batch_size}, context {args.context}:")
     print(f"  predicted peak   {mib(p.predicted_peak)} = " + " + ".join(f"{k} {mib(v)}" for k, v in p.breakdown().items())

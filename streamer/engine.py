@@ -177,7 +177,7 @@ class Engine:
                                 "new tokens", param="max_seq_len")
 
     # --- running ------------------------------------------------------------------------------------------
-    def runner(self, batch: int, context: int) -> Runner:
+    def runner(self, batch: int, context: int, kv_first: bool = False) -> Runner:
         """The runner, planned for `batch` sequences of `context` tokens; kept while later calls fit its plan.
         A call that outgrows the plan gets one for at least the old batch and twice the old context (up to
         max_seq_len), since a new plan loads every resident block again: prompts a few tokens longer each
@@ -190,7 +190,7 @@ class Engine:
             context = max(context, min(self.max_seq_len, 2 * old.context)) if context > old.context else old.context
         self.release()
         self.plan = plan(self.files, self.budget, batch, context, self.keep_resident,
-                         draft=self.draft.files if self.draft else None)
+                         draft=self.draft.files if self.draft else None, kv_first=kv_first)
         compile = self.compile
         if compile == "auto":  # the kernel's compile time pays back only over many resident bf16 bytes
             compile = (self.dtype == torch.bfloat16 and self.plan.resident_bytes >= COMPILE_MIN_BYTES
@@ -289,10 +289,11 @@ class Engine:
         n_of = {batching.key(r.id): r.n for r in todo if r.n > 1}
         todo = [c for r in todo for c in batching.choices(r)]  # n completions run as n sequences
         context = max(len(r.prompt) + r.params.max_new_tokens for r in todo)
-        if batch_size == "auto":
+        auto = batch_size == "auto"
+        if auto:
             batch_size = self.auto_batch(len(todo), context)
         slots = min(batch_size, len(todo))
-        runner = self.runner(slots, context)
+        runner = self.runner(slots, context, kv_first=auto)  # as auto planned it: the batch's KV in RAM first
         cache = self.kv_cache(slots)
         drafter = self._drafter(slots)
         target = costs.PassTarget(self.args, self.dtype, runner.max_pass_tokens)
