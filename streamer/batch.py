@@ -441,8 +441,9 @@ def main(args: argparse.Namespace) -> int:
                            top_p=args.top_p, seed=args.seed)
             if args.ray:
                 from . import ray as on_ray  # every worker opens its Engine with the driver's options
+                per_worker = args.ray_chunk or (256 if args.batch_size == "auto" else 4 * args.batch_size)
                 records = on_ray.run_batch(args.ray, str(args.model), engine.files.manifest_sha256, requests,
-                                           engine_options, options, args.ray_chunk or (256 if args.batch_size == "auto" else 4 * args.batch_size), totals)
+                                           engine_options, options, per_worker, totals)
             else:
                 records = engine.batch(requests, totals=totals, **options)
             for record in records:

@@ -268,9 +268,11 @@ class Engine:
         finishes. A request is {"id", "prompt" | "messages" | "prompt_ids", and optionally max_new_tokens,
         temperature, top_p, seed, stop, logprobs (K: also the K best tokens per step), n (completions: the result
         then holds them as "choices")}; the keyword arguments are the defaults. A request that cannot run
-        yields {"id", "error"} (with "param" where a parameter is at fault) and the others go on. `totals`
-        (a dict) receives prompts, prompt and completion tokens, steps (passes over the weights), prompt tokens
-        copied from shared prefixes rather than recomputed, and with a draft its figures."""
+        yields {"id", "error"} (with "param" where a parameter is at fault) and the others go on. batch_size: the
+        sequences sharing each pass, or "auto" (costs.choose_batch: the most decode tokens/s the budget allows,
+        planned with the batch's KV cache in RAM first). `totals` (a dict) receives prompts, prompt and
+        completion tokens, steps (passes over the weights), the batch size, prompt tokens copied from shared
+        prefixes rather than recomputed, and with a draft its figures."""
         if batch_size != "auto" and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0):
             raise StreamerError(f"must be a positive integer or 'auto', got {batch_size!r}", param="batch_size")
         defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stop}

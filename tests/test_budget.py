@@ -148,3 +148,20 @@ def test_memory_returns_after_a_run(folder):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split()[-1]) < 16  # MiB still held after two more runs, each with a 64 MiB ring
+
+
+def test_kv_first_trades_resident_blocks_for_a_batchs_kv(folder):
+    """kv_first (what --batch-size auto plans with): where resident blocks and a big batch's KV cache compete
+    for RAM, the KV comes first; the plan still adds up within the budget."""
+    files = ModelFiles(folder)
+    batch, context = 16, 512
+    competing = []
+    for mib in range(400, 1200, 8):  # budgets where the default plan keeps blocks resident and KV partly on disk
+        p = plan(files, mib << 20, batch, context)
+        if p.resident and p.kv_slots < batch:
+            competing.append(mib << 20)
+    assert competing
+    for budget in competing:
+        default, first = plan(files, budget, batch, context), plan(files, budget, batch, context, kv_first=True)
+        assert first.kv_slots > default.kv_slots and first.resident_bytes < default.resident_bytes
+        assert first.predicted_peak <= budget and sum(first.breakdown().values()) == first.predicted_peak
