@@ -241,7 +241,8 @@ def _pass_tokens(active: dict[int, Active], target, limit: int) -> dict[int, lis
     room = target.prefill_room(len(decode)) if target is not None else max(limit - len(decode), 0)
     feed = {s: active[s].pending for s in decode}
     for s in sorted((s for s in active if not active[s].tokens), key=lambda s: active[s].order):
-        take = active[s].pending[:room] if room else active[s].pending[:1] if len(active[s].pending) == 1 else []
+        pending = active[s].pending
+        take = pending[:room] or (pending if len(pending) == 1 else [])
         if take:
             feed[s] = take
             room -= len(take)

@@ -229,11 +229,10 @@ def main(args: argparse.Namespace) -> int:
     draft = ModelFiles(args.draft) if args.draft else None
     budget = parse_size(args.memory_budget, "memory_budget") if args.memory_budget else None
     gbps = args.disk_gbps or measure_disk(files)
-    if auto:
-        args.batch_size = _auto_batch(files, budget, args.context, draft, gbps)
-    p = plan(files, budget, int(args.batch_size), args.context, draft=draft, kv_first=auto)
+    batch = _auto_batch(files, budget, args.context, draft, gbps) if auto else int(args.batch_size)
+    p = plan(files, budget, batch, args.context, draft=draft, kv_first=auto)
     blocks = [n for n in p.resident if n.startswith("block_")]
-    print(f"memory budget {mib(p.budget)} for batch {args.batch_size}, context {args.context}:")
+    print(f"memory budget {mib(p.budget)} for batch {batch}, context {args.context}:")
     print(f"  predicted peak   {mib(p.predicted_peak)} = " + " + ".join(f"{k} {mib(v)}" for k, v in p.breakdown().items())
           + f"; {MARGIN:.0%} of the budget held back")
     head = ", and the head" if "head.safetensors" in p.resident else ""
@@ -245,7 +244,7 @@ def main(args: argparse.Namespace) -> int:
     if draft:
         print(f"  draft model      {draft.folder.name}, whole in RAM: {mib(p.draft)} (weights, activations, KV)")
     whole = files.args.n_layers * p.kv_block
-    print(f"  KV cache         " + (f"in RAM ({mib(p.kv_ram)})" if p.kv_slots == p.batch else
+    print("  KV cache         " + (f"in RAM ({mib(p.kv_ram)})" if p.kv_slots == p.batch else
                                     f"{p.kv_slots} of {p.batch} sequences' in RAM ({mib(p.kv_ram)}), the rest on disk "
                                     f"({mib(whole - p.kv_ram)}), one block's in RAM at a time" if p.kv_slots else
                                     f"on disk ({mib(whole)}), one block's in RAM at a time"))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .errors import StreamerError
 
 log = logging.getLogger(__name__)
-ROWS = (1, 8, 32, 64, 128, 256, 512)  # matmul row counts measured; others take the nearest one below
+ROWS = (1, 8, 32, 64, 128, 256, 512)  # matmul row counts measured; rates between them are interpolated (rate_at)
 EFFICIENT = 0.85  # of the best matmul rate: more rows per pass no longer pay beyond it
 AUTO_BATCH_MAX = 512
 AUTO_TOLERANCE = 0.95  # the smallest batch within this share of the best tokens/s (less memory, sooner results)
@@ -131,9 +131,8 @@ def choose_batch(files, budget: int | None, n: int, context: int, dtype: torch.d
     step). Where none is (keep_resident=False), they count at the disk's rate."""
     from .budget import measure_disk, plan
 
-    sizes = sorted({b for b in _doublings(min(n, AUTO_BATCH_MAX))})
     plans = {}
-    for b in sizes:
+    for b in _doublings(min(n, AUTO_BATCH_MAX)):
         try:
             plans[b] = plan(files, budget, b, context, keep_resident, draft=draft, kv_first=True)
         except StreamerError:
@@ -142,9 +141,8 @@ def choose_batch(files, budget: int | None, n: int, context: int, dtype: torch.d
         return 1, []  # let the run's own plan name what does not fit
     in_ram = {b: p for b, p in plans.items() if p.kv_slots == b}
     plans = in_ram or plans
-    a = files.args
-    per_seq = 2 * a.n_layers * context * a.n_kv_heads * a.head_dim * 2  # one sequence's KV, read each step on disk
-    reads = {b: p.bytes_per_step + (b - p.kv_slots) * per_seq for b, p in plans.items()}
+    a = files.args  # each on-disk sequence's whole KV (its block's share, in every block) is read each step
+    reads = {b: p.bytes_per_step + (b - p.kv_slots) * (p.kv_block // b) * a.n_layers for b, p in plans.items()}
     if disk_gbps is None and any(reads.values()):
         disk_gbps = measure_disk(files)
     costs = [BatchCost(b, reads[b] / (disk_gbps or 1) / 1e9, b * flops_per_token(a) / rate_at(a.dim, dtype, b),

@@ -182,7 +182,7 @@ class Engine:
         A call that outgrows the plan gets one for at least the old batch and twice the old context (up to
         max_seq_len), since a new plan loads every resident block again: prompts a few tokens longer each
         time (a batch's chunks, a chat) would otherwise reload the model every call."""
-        if self._runner and self.plan.batch >= batch and self.plan.context >= context:
+        if self._holds(batch, context):
             return self._runner
         if self._runner:
             old = self.plan
@@ -312,11 +312,15 @@ class Engine:
     def auto_batch(self, n: int, context: int) -> int:
         """The batch size with the most decode tokens/s for n sequences of up to `context` tokens under this
         engine's budget (costs.choose_batch); the plan in use already holds any batch up to its own."""
-        if self._runner and self.plan.context >= context and self.plan.batch >= min(n, costs.AUTO_BATCH_MAX):
+        if self._holds(min(n, costs.AUTO_BATCH_MAX), context):
             return min(n, self.plan.batch)
         size, _ = costs.choose_batch(self.files, self.budget, n, context, self.dtype, self.keep_resident,
                                      draft=self.draft.files if self.draft else None)
         return size
+
+    def _holds(self, batch: int, context: int) -> bool:
+        """Whether the runner in use was planned for at least this batch and context."""
+        return self._runner is not None and self.plan.batch >= batch and self.plan.context >= context
 
     def _drafter(self, slots: int):
         """What proposes draft tokens for `slots` sequences: a draft model (kept in RAM, with its KV cache),

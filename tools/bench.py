@@ -340,10 +340,11 @@ def main() -> None:
         a.out.write_text(table + "\n\n<details><summary>raw</summary>\n\n```\n" + json.dumps(res, indent=1) + "\n```\n</details>\n")
 
 
-def _disk_floor(r: dict, best_gbps: float | None, membw: float | None) -> tuple[str, str]:
+def _step_floor(r: dict, best_gbps: float | None, membw: float | None) -> tuple[str, str]:
     """The floor and ratio cells of a decode case: paired (each step against the floor read just before it,
     medians of both), else the step's bytes at the best rate of the floor cases. Blocks kept resident add
-    their bytes at the memory read rate (when the run measured it, case membw)."""
+    their bytes at the memory read rate (when the run measured it, case membw). A batch case's floor is the
+    larger of that read and its rows' compute (compute_floor_s), with the tokens/s it allows."""
     ram = r.get("resident_bytes", 0) / membw if membw else 0.0
     plus = f" + {ram:.2f} s (resident, memory)" if ram else ""
     if "paired_ratio" in r:
@@ -354,7 +355,11 @@ def _disk_floor(r: dict, best_gbps: float | None, membw: float | None) -> tuple[
     if not best_gbps:
         return "", ""
     floor = r["bytes_per_step"] / 1e9 / best_gbps
-    return f"{floor:.2f} s (disk){plus}", f"{r['step_s'] / (floor + ram):.2f}"
+    if "compute_floor_s" not in r:
+        return f"{floor:.2f} s (disk){plus}", f"{r['step_s'] / (floor + ram):.2f}"
+    bound = max(floor + ram, r["compute_floor_s"])
+    return (f"{bound:.2f} s = max({floor + ram:.2f} s read, {r['compute_floor_s']:.2f} s matmul of {r['batch']} rows); "
+            f"{r['batch'] / bound:.2f} tokens/s", f"{r['step_s'] / bound:.2f} ({bound / r['step_s']:.2f}x the floor-bound tokens/s)")
 
 
 def report(res: dict, a) -> str:
@@ -390,13 +395,7 @@ def report(res: dict, a) -> str:
     base = res.get("batch1", {}).get("step_s")  # the bf16 batch-1 step, which the others are compared with
     for k, r in res.items():
         if (k.startswith("batch") or k in ("int8", "int4")) and "step_s" in r:
-            floor, ratio = _disk_floor(r, best_gbps, membw)
-            if k.startswith("batch") and "compute_floor_s" in r and best_gbps and "paired_ratio" not in r:
-                disk = r["bytes_per_step"] / 1e9 / best_gbps + (r.get("resident_bytes", 0) / membw if membw else 0.0)
-                bound = max(disk, r["compute_floor_s"])
-                floor = (f"{bound:.2f} s = max({disk:.2f} s read, {r['compute_floor_s']:.2f} s matmul of {r['batch']} rows); "
-                         f"{r['batch'] / bound:.2f} tokens/s")
-                ratio = f"{r['step_s'] / bound:.2f} ({bound / r['step_s']:.2f}x the floor-bound tokens/s)"
+            floor, ratio = _step_floor(r, best_gbps, membw)
             what = f"batch {r['batch']}" if k.startswith("batch") else f"{k} files, batch 1"
             vs = f"{r['step_s'] / base:.2f}x the bf16 batch-1 step; " if base and k != "batch1" else ""
             rows.append(f"| decode step, {what} ({r['bytes_per_step'] / 1e9:.2f} GB/step) | {r['step_s']:.2f} s, "

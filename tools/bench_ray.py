@@ -99,16 +99,15 @@ def main() -> None:
     print(f"results identical: {same}\n")
 
     model = a.scaling_model or a.model
-    one, two = [], []
-    c1 = cluster(1, 1)
-    one.append(batch(model, prompts, tmp / "one.jsonl", a.batch_size, c1.address))
-    c1.shutdown()
-    c2 = cluster(2, 1)
-    two.append(batch(model, prompts, tmp / "two.jsonl", a.batch_size, c2.address))
-    c2.shutdown()
-    c1 = cluster(1, 1)
-    one.append(batch(model, prompts, tmp / "one.jsonl", a.batch_size, c1.address))
-    c1.shutdown()
+
+    def on(nodes: int) -> float:  # the job on a fresh cluster of `nodes` nodes of 1 CPU each
+        c = cluster(nodes, 1)
+        secs = batch(model, prompts, tmp / f"{nodes}.jsonl", a.batch_size, c.address)
+        c.shutdown()
+        return secs
+
+    one, two = [on(1)], [on(2)]
+    one.append(on(1))  # one node before and after two: the machine drifts
     m1, m2 = statistics.median(one), statistics.median(two)
     print(f"| {model.name}: scaling | 1 node x 1 CPU | 2 nodes x 1 CPU | speed-up |\n|---|---|---|---|")
     print(f"| wall s (runs) | {m1:.1f} ({', '.join(f'{x:.1f}' for x in one)}) | {m2:.1f} "
