@@ -58,7 +58,7 @@ def quantize_int4(w: torch.Tensor, group: int) -> Int4Weight:
                       torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
 
 
-INT8_DEQUANT_ROWS = 16  # from this many rows, int8 codes are converted to x's dtype and multiplied by F.linear
+INT8_DEQUANT_ROWS = 12  # from this many rows, int8 codes are converted to x's dtype and multiplied by F.linear
 INT4_DEQUANT_ROWS = 256  # the same for int4 (its conversion costs more: unpacking, a scale and zero per group)
 
 
@@ -86,31 +86,51 @@ def int4_layout_known() -> bool:
     return torch.equal(int4_codes(torch._convert_weight_to_int4pack_for_cpu(q, 1), 80, 128).to(torch.int32), q)
 
 
-def dequantize_int4(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The [out, in] matrix (q - 8) * scale + zero in dtype, as q * scale + (zero - 8 * scale)."""
-    out, inp, g = w.sz.shape[1], 2 * w.packed.shape[1], w.group
-    codes = int4_codes(w.packed, out, inp).view(out, inp // g, g).to(dtype)
+def dequantize_int4(w: Int4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The [out, in] matrix (q - 8) * scale + zero in dtype, as q * scale + (zero - 8 * scale); into `out` if given."""
+    rows, inp, g = w.sz.shape[1], 2 * w.packed.shape[1], w.group
+    codes = int4_codes(w.packed, rows, inp).view(rows, inp // g, g).to(dtype)
     scale = w.sz[..., 0].T[..., None]
-    return (codes * scale.to(dtype)).add_((w.sz[..., 1].T[..., None] - 8 * scale).to(dtype)).view(out, inp)
+    y = torch.mul(codes, scale.to(dtype), out=None if out is None else out.view(rows, inp // g, g))
+    return y.add_((w.sz[..., 1].T[..., None] - 8 * scale).to(dtype)).view(rows, inp)
 
 
 def qlinear(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ W.T on quantized codes, in x's dtype. torch's int8 kernel costs ~0.2 ms more per row on a 2048 x 4096
-    piece (one row 0.42 ms, 16 rows 3.3, 64 rows 14.3, 2 threads), while converting the piece's codes and using
-    F.linear's GEMM costs 1.4-6.4 ms from 1 to 64 rows: the two cross between 8 and 16 rows. So prefill (and
-    big batches) take the GEMM, with the row scales applied to its output. torch's int4 kernel takes 2-3x
-    bf16's time from 16 rows (2048 x 4096, 2 threads: 6.6-7.5 against 3.2 ms at 64 rows, 51.8-57.5 against
-    20.3-21.9 at 512), and unpacking the piece then F.linear took 22-29 ms at 256 rows (the kernel 25.6-29.8)
-    and 28-45 ms at 512, so int4 takes the GEMM from INT4_DEQUANT_ROWS."""
+    """x @ W.T on quantized codes, in x's dtype: torch's kernels at few rows, else the codes converted a tile at
+    a time into x's dtype for F.linear's GEMM (_tiled), with int8's row scales applied to its output. On
+    4096 x 4096 codes (2 threads, /work/notes/q6_qlinear.py in the closing note of issue 15): int8's kernel
+    took 2.3 / 3.3 / 4.2-4.4 / 8.4-8.5 ms at 8 / 12 / 16 / 32 rows, the tiled GEMM 2.8-3.1 / 3.2-3.3 / 3.7 /
+    4.9-5.2, so int8 switches at 12 rows. torch's int4 kernel took 14.8 / 26.4 / 52.1 ms at 64 / 128 / 256 rows,
+    the tiled GEMM 24.2 / 25.6 / 34.5 (unpacking the nibbles costs ~0.7 ns a code), so int4 switches at 256."""
     if isinstance(w, Int8Weight):
         # torch 2.13's int8 kernel crashes (SIGSEGV) on 2 or more rows when the input width is not a multiple of
         # 16 (stories260K's FFN, 172): those take the GEMM too
         if x.shape[0] >= INT8_DEQUANT_ROWS or (x.shape[0] > 1 and w.q.shape[1] % 16):
-            return torch.nn.functional.linear(x, w.q.to(x.dtype)) * w.scale.to(x.dtype)
+            return _tiled(x, w.q.shape[0], 1, lambda j, k, buf: buf.copy_(w.q[j:k])) * w.scale.to(x.dtype)
         return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
     if x.shape[0] >= INT4_DEQUANT_ROWS and int4_layout_known():
-        return torch.nn.functional.linear(x, dequantize_int4(w, x.dtype))
+        return _tiled(x, w.sz.shape[1], 64,
+                      lambda j, k, buf: dequantize_int4(Int4Weight(w.packed[j:k], w.sz[:, j:k]), x.dtype, buf))
     return torch._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.sz.to(x.dtype))
+
+
+DEQUANT_TILE = 1 << 21  # codes converted at a time: a 4 MiB bf16 tile, reused, that the GEMM reads from cache
+
+
+def _tiled(x: torch.Tensor, out: int, align: int, convert) -> torch.Tensor:
+    """x @ W.T for W [out, in] given a tile of rows at a time: convert(j, k, buf) writes rows j..k-1 of W, in
+    x's dtype, into buf [k - j, in] and returns it. Converting a whole 16 MiB piece into a fresh tensor, then
+    multiplying, took 21.3 ms at 128 rows on 4096 x 4096 codes, against 10.9 ms for the GEMM alone: the
+    new tensor's pages fault in, and the GEMM reads it back from RAM. In tiles of 512 rows it took 11.8 ms
+    (2 threads; tiles of 128-1024 rows 11.6-12.9 ms, the GEMM alone 10.8-11.1 in the same runs)."""
+    inp = x.shape[1]
+    rows = min(out, max(align, DEQUANT_TILE // inp // align * align))
+    buf = torch.empty(rows, inp, dtype=x.dtype)
+    y = torch.empty(x.shape[0], out, dtype=x.dtype)
+    for j in range(0, out, rows):
+        k = min(out, j + rows)
+        torch.mm(x, convert(j, k, buf[:k - j]).T, out=y[:, j:k])
+    return y
 
 
 def stored(name: str, shape: tuple[int, int], scheme: str):

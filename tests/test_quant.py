@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import GQA, STORIES, make_split, stream
-from streamer import MemoryKVCache, ModelFiles, Runner
+from streamer import MemoryKVCache, ModelFiles, Runner, quant
 from streamer.layout import MANIFEST
 from streamer.quant import (Int4Weight, Int8Weight, dequantize_int4, int4_codes, int4_group, int4_layout_known, qlinear,
                             quantize)
@@ -29,6 +29,19 @@ def test_kernels_on_quantized_codes(scheme, bound, rows, width):
         else:  # the unpacked codes give what torch's kernel gives, row for row
             kernel = torch._weight_int4pack_mm_for_cpu(x.to(dt), qw.packed, qw.group, qw.sz.to(dt)).float()
             assert (y - kernel).norm() / kernel.norm() < (1e-5 if dt == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_codes_converted_a_tile_at_a_time_give_the_whole_product(monkeypatch, scheme):
+    torch.manual_seed(0)
+    w, x = torch.randn(208, 128) * 0.05, torch.randn(300, 128)  # 208 rows: three int4 blocks of 64, then a tail of 16
+    qw = quantize(w, scheme)
+    whole = (qw.q.float() * qw.scale[:, None] if scheme == "int8" else dequantize_int4(qw, torch.float32))
+    monkeypatch.setattr(quant, "DEQUANT_TILE", 64 * 128)  # 64 rows a tile: four tiles, the last the tail alone
+    calls = []
+    monkeypatch.setattr(quant, "_tiled", lambda *a, f=quant._tiled: calls.append(a[1]) or f(*a))
+    torch.testing.assert_close(qlinear(x, qw), x @ whole.T, rtol=1e-5, atol=1e-5)
+    assert calls == [208]
 
 
 @pytest.mark.parametrize("out", [16, 48, 64, 80, 192])  # blocks of 64 rows, and tails

@@ -1,6 +1,6 @@
 """Speed against the physical floor, every case under memcap with the page cache dropped first.
 
-    python tools/bench.py MODEL [--cap 2G] [--cases floor,matmul,decode,prefill,batch,longctx] [--out bench.md]
+    python tools/bench.py MODEL [--cap 2G] [--cases floor,matmul,qmatmul,decode,prefill,batch,longctx] [--out bench.md]
 
 Each case runs in its own process inside `streamer memcap` and prints one JSON line; this script
 gathers them into one table: case, measured time, floor, time / floor. Floors are measured in the same
@@ -132,6 +132,39 @@ def gemv_rates(shapes: list[tuple[int, int]], total: int = 1 << 30) -> dict:
     return out
 
 
+def quantized_matmuls(dim: int, rows: list[int], total: int = 1 << 30) -> dict:
+    """ms per [dim, dim] matrix of x[rows] @ W.T for int8 and int4 codes: streamer's qlinear (torch's kernel at
+    few rows, the codes converted a tile at a time for the GEMM at many), torch's kernel alone, and bf16
+    F.linear on bf16 weights, which the quantized files must not be slower than. `total` bytes of bf16
+    weights (half that of int8 codes, a quarter of int4), so none stays in cache, in at most 64 matrices."""
+    import torch.nn.functional as F
+    from streamer import quant
+    n = max(2, min(64, total // (2 * dim * dim)))
+    out = {"dim": dim}
+    bf16 = [torch.randn(dim, dim).to(torch.bfloat16) for _ in range(n)]
+    for scheme in quant.SCHEMES:
+        ws = [quant.quantize(torch.randn(dim, dim) * 0.02, scheme) for _ in range(n)]
+        kernel = ((lambda x, w: torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))) if scheme == "int8" else
+                  (lambda x, w: torch._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.sz.to(x.dtype))))
+        for m in rows:
+            x = torch.randn(m, dim).to(torch.bfloat16)
+            ways = {"streamer": (quant.qlinear, ws), "kernel": (kernel, ws), "bf16": (F.linear, bf16)}
+            out[f"{scheme} {m}"] = {k: _per_matrix(fn, x, mats) * 1e3 for k, (fn, mats) in ways.items()}
+        del ws
+    return out
+
+
+def _per_matrix(fn, x, mats, reps: int = 2) -> float:
+    fn(x, mats[0])
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for w in mats:
+            fn(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return best / len(mats)
+
+
 def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.bfloat16, paired: bool = False,
               compile="auto", **runner_kw) -> dict:
     """Prefill `batch` random prompts of `prompt_len` tokens together, then `steps` decode steps.
@@ -240,6 +273,8 @@ def worker(case: str, model: Path, a) -> dict:
         return {"read_bps": memory_read_rate(min(4 << 30, a.cap_bytes // 4))}  # a quarter of a cap, at most 4 GiB
     if case == "gemv":
         return gemv_rates([(1024, args.dim), (args.dim, 1024), (2048, args.dim)])
+    if case == "qmatmul":
+        return quantized_matmuls(args.dim, [1, 8, 12, 16, 32, 64, 128, 256, 512], min(1 << 30, a.cap_bytes // 8))
     if case == "resident":  # every block in RAM (run it with --cap none on a machine that holds the model)
         return run_steps(model, 1, 16, a.steps, compile=compile)
     if case == "matmul":
@@ -378,6 +413,13 @@ def report(res: dict, a) -> str:
         if isinstance(rate, float):
             rows.append(f"| one-row bf16 matmul, {name} | {rate:.1f} GB/s of weights | {membw / 1e9:.1f} GB/s (memory) | "
                         f"{membw / 1e9 / rate:.2f} |" if membw else f"| one-row bf16 matmul, {name} | {rate:.1f} GB/s | | |")
+    for name, ms in res.get("qmatmul", {}).items():
+        if isinstance(ms, dict):
+            scheme, m = name.split()
+            dim = res["qmatmul"]["dim"]
+            rows.append(f"| {scheme} matmul, {m} rows, [{dim}, {dim}] | {ms['streamer']:.2f} ms "
+                        f"(torch's {scheme} kernel {ms['kernel']:.2f}) | {ms['bf16']:.2f} ms (bf16 F.linear) | "
+                        f"{ms['streamer'] / ms['bf16']:.2f} |")
     r = res.get("resident", {})
     if "step_s" in r:
         floor = r["resident_bytes"] / membw if membw else None
