@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 import shutil
 
@@ -35,6 +36,18 @@ def _swiglu(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, x: torch.Tenso
     return (w2.float() * h.float()).sum(-1).to(x.dtype)
 
 
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """model.attend_decode's math: q [D, H, hd]; k, v [D, S, KV, hd]; sequence d reads positions [0, ends[d]).
+    Products, sums, scores and probabilities in float32, rounded to q's dtype once, at the end."""
+    D, S, KV, hd = k.shape
+    H = q.shape[1]
+    qh = q.view(D, 1, KV, H // KV, hd)
+    scores = (k[:, :, :, None, :].float() * qh.float()).sum(-1) / math.sqrt(hd)  # [D, S, KV, H/KV]
+    scores = scores.masked_fill((torch.arange(S) >= ends[:, None])[:, :, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=1)
+    return (probs[..., None].float() * v[:, :, :, None, :].float()).sum(1).to(q.dtype).reshape(D, H * hd)
+
+
 def _get(fn):
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True)
@@ -51,12 +64,18 @@ def compiled_swiglu(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, x: tor
     return _get(_swiglu)(w1, w3, w2, x)
 
 
-def warm_up(dim: int, dtype: torch.dtype) -> None:
-    """Compile both kernels on small stand-ins with the model's input width (the weights' row count and
-    the FFN slice width are symbolic, so any will do)."""
+def warm_up(dim: int, dtype: torch.dtype, heads: tuple[int, int, int] | None = None) -> None:
+    """Compile the kernels on small stand-ins with the model's input width and (n_heads, n_kv_heads, head_dim)
+    (the weights' row count, the FFN slice width, the sequences and positions are symbolic, so any will do;
+    one sequence is compiled on its own, as torch specialises sizes of 1)."""
     x, w = torch.zeros(dim, dtype=dtype), torch.zeros(16, dim, dtype=dtype)
     compiled_gemv(w, x)
     compiled_swiglu(w, w, torch.zeros(dim, 16, dtype=dtype), x)
+    if heads:
+        H, KV, hd = heads
+        for d in (1, 2):  # views of a longer cache, as the cache in RAM hands them out
+            kv = torch.zeros(2, d, 4, KV, hd, dtype=dtype)[:, :, :3]
+            _get(_decode_attention)(torch.zeros(d, H, hd, dtype=dtype), kv[0], kv[1], torch.full((d,), 3))
 
 
 def can_compile() -> bool:
@@ -66,7 +85,8 @@ def can_compile() -> bool:
 
 @contextlib.contextmanager
 def one_row(compiled: bool):
-    """Within it, one-row matmuls (and FFN slices) run the compiled kernels when `compiled`, else F.linear."""
+    """Within it, one-row matmuls (and FFN slices) and decode attention run the compiled kernels when
+    `compiled`, else their eager forms."""
     token = _ONE_ROW.set(True if compiled else None)
     try:
         yield
@@ -79,6 +99,13 @@ def linear_one_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if _ONE_ROW.get() is None or weight.dtype != x.dtype:
         return F.linear(x, weight.to(x.dtype))
     return compiled_gemv(weight, x[0])[None]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.Tensor) -> torch.Tensor | None:
+    """model.attend_decode compiled, or None outside one_row(True)."""
+    if _ONE_ROW.get() is None:
+        return None
+    return _get(_decode_attention)(q, k, v, ends)
 
 
 def swiglu_one_row(x: torch.Tensor, w1, w3, w2) -> torch.Tensor | None:

@@ -45,12 +45,19 @@ class KVCache:
     @contextlib.contextmanager
     def layer(self, i: int, seqs: list[tuple[int, int, int]]):
         """Block i's cache for the pass's sequences (slot, start, end): a tensor [2, len(seqs), max end,
-        KV, hd] holding positions [0, start) of each; the block writes [start, end), saved on exit."""
+        KV, hd] holding positions [0, start) of each; the block writes [start, end), saved on exit. Positions
+        past a sequence's end hold finite values, zeros or keys it no longer holds (decode attention masks
+        them, and a masked NaN would still spread). Where the cache is in RAM and the slots are a run, it is
+        the cache itself (_view), written in place: no copies."""
         shape = (2, len(seqs), max(e for _, _, e in seqs), self.args.n_kv_heads, self.args.head_dim)
-        kv = torch.empty(shape, dtype=self.dtype)  # rows past a sequence's end are never read
-        for row, (slot, start, _) in enumerate(seqs):
+        if (view := self._view(i, [slot for slot, _, _ in seqs], shape[2])) is not None:
+            yield view
+            return
+        kv = torch.empty(shape, dtype=self.dtype)
+        for row, (slot, start, end) in enumerate(seqs):
             if start:
                 self._read(i, slot, 0, start, kv[:, row, :start])
+            kv[:, row, end:].zero_()
         yield kv
         for row, (slot, start, end) in enumerate(seqs):
             self._write(i, slot, start, kv[:, row, start:end])
@@ -58,6 +65,10 @@ class KVCache:
 
     def _done(self, i: int) -> None:
         pass
+
+    def _view(self, i: int, slots: list[int], end: int) -> torch.Tensor | None:
+        """Block i's cache of these slots' first `end` positions, if it can be had without copying."""
+        return None
 
     def keep_rows(self, slot: int, start: int, rows: list[int]) -> None:
         """Keep, after the slot's first `start` positions, only the given rows of those that follow (ascending
@@ -111,6 +122,9 @@ class MemoryKVCache(KVCache):
     def _write(self, i, slot, start, new):
         self.layers[i][:, slot, start:start + new.shape[1]] = new
 
+    def _view(self, i, slots, end):
+        return self.layers[i][:, slots[0]:slots[-1] + 1, :end] if slots == list(range(slots[0], slots[-1] + 1)) else None
+
 
 class SplitKVCache(KVCache):
     """The first `ram_slots` slots' keys and values in RAM, the other slots' on disk (a temporary DiskKVCache):
@@ -133,6 +147,9 @@ class SplitKVCache(KVCache):
 
     def _done(self, i):
         self.disk._done(i)
+
+    def _view(self, i, slots, end):
+        return self.ram._view(i, slots, end) if slots[-1] < self.ram.slots else None
 
     def reserve(self, slot, length):
         super().reserve(slot, length)

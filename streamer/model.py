@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .args import ModelArgs
-from .kernels import linear_one_row, swiglu_one_row
+from .kernels import decode_attention, linear_one_row, swiglu_one_row
 from .quant import qlinear
 
 
@@ -62,15 +62,10 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
            mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal grouped-query attention of one sequence. q [T, H, hd] at positions start..start+T-1;
-    k, v [start+T, KV, hd]. Query head h reads kv head h // (H/KV). Returns [T, H*hd].
+    """Causal grouped-query attention of one sequence's chunk (decode rows go to attend_decode). q [T, H, hd]
+    at positions start..start+T-1; k, v [start+T, KV, hd]. Query head h reads kv head h // (H/KV). Returns [T, H*hd].
     mask (bool [T, start+T]) replaces causality: the rows of a draft tree see their ancestors only."""
     T, H, hd = q.shape
-    if T == 1 and mask is None:  # decode: Meta's matmul-softmax-matmul per kv head group; 2.5-4x faster here than SDPA's GQA path
-        KV = k.shape[1]
-        scores = torch.bmm(q[0].view(KV, H // KV, hd), k.permute(1, 2, 0)) / math.sqrt(hd)  # (KV, H/KV, S)
-        probs = torch.softmax(scores.float(), dim=-1).type_as(q)
-        return torch.bmm(probs, v.transpose(0, 1)).reshape(1, H * hd)  # (KV, H/KV, hd) -> [1, H*hd]
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, T|S, hd)
     causal = mask is None and T > 1 and start == 0
     if mask is None and T > 1 and start > 0:  # query t sees keys 0..start+t
@@ -90,13 +85,42 @@ def attention(x, w, rot, kv, seqs: list[Seq], args: ModelArgs) -> torch.Tensor:
     k = apply_rope(k.reshape(N, KV, hd), rot)
     v = v.reshape(N, KV, hd)
     out = torch.empty(N, H * hd, dtype=x.dtype)
+    decode = [s for s in seqs if s.rows.stop - s.rows.start == 1 and s.mask is None]
+    if decode:  # one new token per sequence: all of them at once
+        rows = torch.tensor([s.rows.start for s in decode])
+        slots, starts = torch.tensor([s.slot for s in decode]), torch.tensor([s.start for s in decode])
+        kv[0, slots, starts], kv[1, slots, starts] = k[rows], v[rows]
+        out[rows] = attend_decode(q[rows], kv, [s.slot for s in decode], starts + 1)
     for s in seqs:
+        if s.rows.stop - s.rows.start == 1 and s.mask is None:
+            continue
         end = s.start + (s.rows.stop - s.rows.start)
         kv[0, s.slot, s.start:end] = k[s.rows]
         kv[1, s.slot, s.start:end] = v[s.rows]
-        out[s.rows] = attend(q[s.rows], kv[0, s.slot, :end].to(x.dtype), kv[1, s.slot, :end].to(x.dtype), s.start,
-                             s.mask)
+        out[s.rows] = attend(q[s.rows], kv[0, s.slot, :end], kv[1, s.slot, :end], s.start, s.mask)
     return linear_rows(out, w["wo"])
+
+
+def attend_decode(q: torch.Tensor, kv: torch.Tensor, slots: list[int], ends: torch.Tensor) -> torch.Tensor:
+    """Decode attention of D sequences, one new token each: q [D, H, hd]; sequence d reads positions
+    [0, ends[d]) of row slots[d] of kv [2, n, S, KV, hd] (positions past its end hold finite values, masked).
+    Compiled (kernels.decode_attention) within kernels.one_row(True); else one bmm per kv head over all
+    sequences, on strided views of the cache. Per layer at D = 256, 2 threads (/work/notes/q10_attn.py):
+    S = 8: 24.6 ms a sequence at a time, 3.4 ms per kv head, 1.2 ms compiled; S = 320: 166, 157 and 48 ms."""
+    D, H, hd = q.shape
+    S, KV = int(ends.max()), kv.shape[3]
+    if slots == list(range(slots[0], slots[0] + D)):
+        k, v = kv[0, slots[0]:slots[0] + D, :S], kv[1, slots[0]:slots[0] + D, :S]  # [D, S, KV, hd], views
+    else:
+        k, v = kv[0, slots, :S], kv[1, slots, :S]
+    if (part := decode_attention(q, k, v, ends)) is not None:
+        return part
+    qh = q.view(D, KV, H // KV, hd)
+    scores = torch.stack([torch.bmm(qh[:, h], k[:, :, h].transpose(1, 2)) for h in range(KV)], 1) / math.sqrt(hd)
+    if int(ends.min()) < S:
+        scores.masked_fill_((torch.arange(S) >= ends[:, None])[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).type_as(q)  # [D, KV, H/KV, S]
+    return torch.stack([torch.bmm(probs[:, h], v[:, :, h]) for h in range(KV)], 1).reshape(D, H * hd)
 
 
 def feed_forward(x: torch.Tensor, pieces) -> torch.Tensor:

@@ -32,8 +32,9 @@ class Runner:
     """Runs packed chunks of tokens through the streamed model, keeping keys and values in `cache`.
 
     ring_bytes bounds the memory the streamed weights take; `resident` names files kept in RAM;
-    compile=True runs the one-row matmuls of decode passes (one new token per sequence) on the compiled
-    kernels (kernels.py); mapped=True keeps resident files as their mapped pages instead of private copies
+    compile=True runs the one-row matmuls and the decode attention on the compiled kernels (kernels.py), once
+    they are compiled (in the background, from the start; a decode pass waits for them, a prefill does not);
+    mapped=True keeps resident files as their mapped pages instead of private copies
     (stream.map_whole)."""
 
     def __init__(self, files: ModelFiles, dtype: torch.dtype, monitor: MemoryMonitor | None = None,
@@ -53,7 +54,8 @@ class Runner:
                        if streamed else None)
         # each file's view, built once: resident files hold their tensors, streamed ones take from the ring
         # the decode kernels compile while the files load, not in the first decode step (6-8 s there before)
-        self._warm = _background(kernels.warm_up, self.args.dim, dtype) if compile else None
+        heads = (self.args.n_heads, self.args.n_kv_heads, self.args.head_dim)
+        self._warm = _background(kernels.warm_up, self.args.dim, dtype, heads) if compile else None
         loaded = {}
         with ThreadPoolExecutor(1, thread_name_prefix="streamer-load") as reader:  # reads ahead while each file
             for n, (buf, was_mapped) in zip(self.resident, reader.map(              # read is touched here
@@ -90,12 +92,12 @@ class Runner:
             return logits
         out = torch.empty(len(chunks), self.args.vocab_size)
         decode = all(len(ids) == 1 for _, ids in chunks)  # one new token per sequence: no prefill in this forward
-        if decode and self._warm is not None:
+        if self._warm is not None and (decode or self._warm.done()):  # the first token never waits for compiling
             self._warm, warm = None, self._warm
             warm.result()
         for part in _passes(chunks, self.max_pass_tokens):
             want = [i for i, (_, _, last) in enumerate(part) if last]
-            with kernels.one_row(self.compiled and decode):  # compiled kernels in decode only: never before the first token
+            with kernels.one_row(self.compiled and self._warm is None):
                 logits = self._pass([c for _, c, _ in part], cache, phase, want)
             for i, row in zip(want, logits):
                 out[part[i][0]] = row

@@ -43,12 +43,34 @@ def test_compiled_swiglu_is_the_block_math():
 
 @needs_compiler
 def test_compiled_bf16_tells_the_same_story(tmp_path):
-    """bf16, as `--dtype auto` runs on this CPU: the trained model's greedy story is the same with the kernels."""
+    """bf16, as `--dtype auto` runs on this CPU: the trained model's greedy story is float32's, eager or with the
+    kernels, and both stay within bf16's rounding of float32's logprobs (measured: 0.040 eager, 0.050 compiled)."""
     from conftest import STORIES
     from streamer.split import split
     split(STORIES, tmp_path / "stories")
-    eager, _ = stream(tmp_path / "stories", [1], 48, dtype=torch.bfloat16)
-    compiled, _ = stream(tmp_path / "stories", [1], 48, dtype=torch.bfloat16, compile=True)
-    assert [p.token for p in compiled] == [p.token for p in eager]
-    torch.testing.assert_close(torch.tensor([p.logprob for p in compiled]), torch.tensor([p.logprob for p in eager]),
-                               rtol=0, atol=0.05)  # bf16 rounding, in other places than the eager kernels round
+    f32, _ = stream(tmp_path / "stories", [1], 48, dtype=torch.float32)
+    for compile in (False, True):
+        bf16, _ = stream(tmp_path / "stories", [1], 48, dtype=torch.bfloat16, compile=compile)
+        assert [p.token for p in bf16] == [p.token for p in f32]
+        torch.testing.assert_close(torch.tensor([p.logprob for p in bf16]), torch.tensor([p.logprob for p in f32]),
+                                   rtol=0, atol=0.08)
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
+@pytest.mark.parametrize("slots", [[0], [1, 2, 3], [3, 0, 2]])  # one sequence; a run of the slice's rows; any rows
+def test_decode_attention_is_each_sequences_own(compiled, slots):
+    """All decode rows of a pass at once (model.attend_decode), eager or compiled, give what attending one sequence
+    at a time gives, whatever their lengths and whatever the (finite) values past a sequence's end."""
+    from streamer import kernels
+    from streamer.model import attend, attend_decode
+    torch.manual_seed(0)
+    H, KV, hd, S = 8, 2, 16, 9
+    kv = torch.randn(2, 4, S, KV, hd)
+    ends = torch.tensor([9, 4, 1, 6][:len(slots)])
+    for d, e in zip(slots, ends):
+        kv[:, d, e:] = 1e4
+    q = torch.randn(len(slots), H, hd)
+    want = torch.cat([attend(q[d:d + 1], kv[0, s, :e], kv[1, s, :e], int(e) - 1) for d, (s, e) in enumerate(zip(slots, ends))])
+    with kernels.one_row(compiled):
+        got = attend_decode(q, kv, slots, ends)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

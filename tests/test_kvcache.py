@@ -121,3 +121,20 @@ def test_temporary_cache_is_removed_and_sized_to_the_run(tmp_path):
         cache.reserve(0, 4097)
     cache.close()
     assert not cache.dir.exists()
+
+
+def test_cache_in_ram_is_used_in_place_for_a_run_of_slots():
+    """A pass over a run of slots gets the RAM cache itself (no copy in, none out); other passes get a copy, with
+    zeros past each sequence's end, saved back on exit."""
+    from streamer.args import ModelArgs
+    cache = MemoryKVCache(ModelArgs.from_params(GQA), 4, 8, torch.float32)
+    with cache.layer(0, [(1, 0, 3), (2, 1, 2)]) as kv:
+        assert kv.shape[:3] == (2, 2, 3) and kv.data_ptr() == cache.layers[0][:, 1].data_ptr()
+        kv[:, 0, :3] = 1
+    assert cache.layers[0][:, 1, :3].eq(1).all()
+    cache.layers[0][:, 0, :2] = 7
+    with cache.layer(0, [(3, 0, 1), (0, 2, 4)]) as kv:
+        assert kv.data_ptr() != cache.layers[0][:, 3].data_ptr()
+        assert kv[:, 1, :2].eq(7).all() and kv[:, 0, 1:].eq(0).all()
+        kv[:, 1, 2:4] = 5
+    assert cache.layers[0][:, 0, 2:4].eq(5).all()
