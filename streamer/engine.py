@@ -297,7 +297,7 @@ class Engine:
         if auto:
             batch_size = self.auto_batch(len(todo), context)
         slots = min(batch_size, len(todo))
-        runner = self.runner(slots, context, kv_first=auto)  # as auto planned it: the batch's KV in RAM first
+        runner = self.runner(slots, context, kv_first=True)  # the batch's KV in RAM before resident blocks
         cache = self.kv_cache(slots)
         drafter = self._drafter(slots)
         target = costs.PassTarget(self.args, self.dtype, runner.max_pass_tokens)

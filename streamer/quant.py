@@ -4,8 +4,8 @@ int8: symmetric, one scale per output row:  w ~ q * scale,           q in [-127,
 int4: asymmetric, per group of `group` inputs: w ~ (q - 8) * s + z,  q in [0, 15],
       packed by torch._convert_weight_to_int4pack_for_cpu (the layout its matmul kernel reads).
 A quantized matrix is stored as NAME (the codes) followed by NAME.scale (int8) or NAME.sz (int4:
-scales and zeros, [in / group, out, 2]); nothing is ever dequantized to a full matrix (at many rows, one
-piece of at most 16 MiB of codes at a time is converted to the compute dtype for F.linear's GEMM).
+scales and zeros, [in / group, out, 2]); nothing is ever dequantized to a full matrix (at many rows, a tile
+of at most DEQUANT_TILE codes at a time is converted to the compute dtype for F.linear's GEMM).
 """
 from __future__ import annotations
 
@@ -98,10 +98,11 @@ def dequantize_int4(w: Int4Weight, dtype: torch.dtype, out: torch.Tensor | None 
 def qlinear(x: torch.Tensor, w) -> torch.Tensor:
     """x @ W.T on quantized codes, in x's dtype: torch's kernels at few rows, else the codes converted a tile at
     a time into x's dtype for F.linear's GEMM (_tiled), with int8's row scales applied to its output. On
-    4096 x 4096 codes (2 threads, /work/notes/q6_qlinear.py in the closing note of issue 15): int8's kernel
-    took 2.3 / 3.3 / 4.2-4.4 / 8.4-8.5 ms at 8 / 12 / 16 / 32 rows, the tiled GEMM 2.8-3.1 / 3.2-3.3 / 3.7 /
-    4.9-5.2, so int8 switches at 12 rows. torch's int4 kernel took 14.8 / 26.4 / 52.1 ms at 64 / 128 / 256 rows,
-    the tiled GEMM 24.2 / 25.6 / 34.5 (unpacking the nibbles costs ~0.7 ns a code), so int4 switches at 256."""
+    4096 x 4096 codes, 2 threads (`tools/bench.py MODEL --cases qmatmul`): int8's kernel took 2.1 / 3.3 / 3.8 /
+    7.3 / 28.7 ms at 8 / 12 / 16 / 32 / 128 rows, the tiled GEMM 3.4 at 16, 4.9 at 32 and 11.9 at 128 (bf16's
+    10.6); in a scratch run of both at every row count they crossed at 12 (3.2-3.3 ms against 3.3-3.4). torch's
+    int4 kernel took 13.2 / 25.3 / 50.5 ms at 64 / 128 / 256 rows, the tiled GEMM 34.1 at 256 (unpacking
+    the nibbles costs ~0.7 ns a code; in the scratch run 24.2 / 25.6 at 64 / 128), so int4 switches at 256."""
     if isinstance(w, Int8Weight):
         # torch 2.13's int8 kernel crashes (SIGSEGV) on 2 or more rows when the input width is not a multiple of
         # 16 (stories260K's FFN, 172): those take the GEMM too

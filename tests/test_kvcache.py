@@ -59,8 +59,9 @@ def test_kv_cache_split_between_ram_and_disk(tmp_path):
     context = len(PROMPT) + 8  # what Engine.batch plans for these lines
     whole = plan(files, 8 << 30, batch=4, context=context)
     per_slot = whole.kv_ram // 4
-    two = plan(files, int((whole.predicted_peak - 2 * per_slot + per_slot // 2) / (1 - MARGIN)), batch=4, context=context)
-    assert (two.kv_slots, two.kv_ram, two.resident) == (2, 2 * per_slot, whole.resident)
+    budgets = range(int(whole.predicted_peak / (1 - MARGIN)), 0, -(per_slot // 4))  # batches plan their KV first
+    two = next(p for b in budgets if (p := plan(files, b, batch=4, context=context, kv_first=True)).kv_slots <= 2)
+    assert (two.kv_slots, two.kv_ram, two.resident) == (2, 2 * per_slot, [])
     lines = [{"id": i, "prompt_ids": PROMPT[i:] + PROMPT[:i], "max_new_tokens": 8} for i in range(6)]
     with Engine(folder, two.budget, dtype="float32", max_seq_len=64) as engine:
         results = {r["id"]: r for r in engine.batch(lines, batch_size=4)}

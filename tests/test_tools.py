@@ -38,11 +38,12 @@ def test_bench_smoke(tmp_path, tiny):
     subprocess.run([sys.executable, "-m", "streamer", "split", meta, tmp_path / "int4", "--quiet", "--quantize", "int4"],
                    check=True, capture_output=True)
     r = subprocess.run([sys.executable, TOOLS / "bench.py", layers, "--cap", "none", "--warm", "--steps", "1",
-                        "--cases", "floor,matmul,qmatmul,batch,int4,resident", "--batches", "2", "--compile", "off",
+                        "--cases", "floor,matmul,qmatmul,attention,batch,int4,resident", "--batches", "2", "--compile", "off",
                         "--int4", tmp_path / "int4"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     for row in ("cold read", "matmul rate", "decode step, batch 2", "int4 files", "memory read rate",
-                "decode step, all resident", "loading them", "int8 matmul, 512 rows", "int4 matmul, 1 rows"):
+                "decode step, all resident", "loading them", "int8 matmul, 512 rows", "int4 matmul, 1 rows",
+                "decode attention, 256 sequences x 320 positions"):
         assert row in r.stdout, r.stdout
     assert "failed" not in r.stdout
     r = subprocess.run([sys.executable, TOOLS / "bench_memory.py", meta, layers, "--caps", "none", "--budgets", "",

@@ -1,6 +1,6 @@
 """Speed against the physical floor, every case under memcap with the page cache dropped first.
 
-    python tools/bench.py MODEL [--cap 2G] [--cases floor,matmul,qmatmul,decode,prefill,batch,longctx] [--out bench.md]
+    python tools/bench.py MODEL [--cap 2G] [--cases floor,matmul,qmatmul,attention,decode,prefill,batch,longctx] [--out bench.md]
 
 Each case runs in its own process inside `streamer memcap` and prints one JSON line; this script
 gathers them into one table: case, measured time, floor, time / floor. Floors are measured in the same
@@ -154,6 +154,27 @@ def quantized_matmuls(dim: int, rows: list[int], total: int = 1 << 30) -> dict:
     return out
 
 
+def decode_attention_times(args, compiled: bool = True, batches=(1, 32, 256), positions=(8, 320)) -> dict:
+    """ms per layer of decode attention (model.attend_decode: D sequences, one new token each, over S cached
+    positions of the model's heads, bf16), eager and compiled (kernels.decode_attention), with the bytes of
+    keys and values it reads."""
+    from streamer import kernels
+    from streamer.model import attend_decode
+    out = {}
+    for d in batches:
+        for s in positions:
+            kv = torch.randn(2, d, s, args.n_kv_heads, args.head_dim).to(torch.bfloat16)
+            q = torch.randn(d, args.n_heads, args.head_dim).to(torch.bfloat16)
+            ends, slots = torch.full((d,), s), list(range(d))
+            row = {"kv_bytes": kv.numel() * kv.element_size()}
+            for name, on in (("eager", False), ("compiled", True)):
+                if not on or (compiled and kernels.can_compile()):
+                    with kernels.one_row(on):
+                        row[name] = _per_matrix(lambda q, kv: attend_decode(q, kv, slots, ends), q, [kv] * 5) * 1e3
+            out[f"{d} {s}"] = row
+    return out
+
+
 def _per_matrix(fn, x, mats, reps: int = 2) -> float:
     fn(x, mats[0])
     best = float("inf")
@@ -178,7 +199,7 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
     engine = Engine(model, dtype=dtype, max_seq_len=prompt_len + steps + 1, compile=compile, runner_options=runner_kw)
     context = prompt_len + steps + 1
     t0 = time.perf_counter()
-    runner = engine.runner(batch, context)  # planned as the CLI plans it
+    runner = engine.runner(batch, context, kv_first=batch > 1)  # planned as `generate` or `batch` plans it
     load = time.perf_counter() - t0
     files = engine.files
     streamed = [model / n for n in files.step_files() if n not in runner.resident]
@@ -196,7 +217,7 @@ def run_steps(model: Path, batch: int, prompt_len: int, steps: int, dtype=torch.
         if paired:
             engine.release()  # its resident blocks go before the next runner loads its own
             floors.append(floor_read(streamed))
-            runner = engine.runner(batch, context)
+            runner = engine.runner(batch, context, kv_first=batch > 1)
         read0 = runner.io.bytes_read
         t0 = time.perf_counter()
         logits = runner.forward(nxt, cache, phase="decode")
@@ -273,6 +294,8 @@ def worker(case: str, model: Path, a) -> dict:
         return {"read_bps": memory_read_rate(min(4 << 30, a.cap_bytes // 4))}  # a quarter of a cap, at most 4 GiB
     if case == "gemv":
         return gemv_rates([(1024, args.dim), (args.dim, 1024), (2048, args.dim)])
+    if case == "attention":
+        return decode_attention_times(args, compiled=a.compile != "off")
     if case == "qmatmul":
         return quantized_matmuls(args.dim, [1, 8, 12, 16, 32, 64, 128, 256, 512], min(1 << 30, a.cap_bytes // 8))
     if case == "resident":  # every block in RAM (run it with --cap none on a machine that holds the model)
@@ -360,7 +383,7 @@ def main() -> None:
     if "batch" in cases:
         cases[cases.index("batch"):cases.index("batch") + 1] = [f"batch{b}" for b in a.batches.split(",")]
     res = {}
-    if any(c in ("resident", "gemv") or c.startswith("batch") for c in cases) and "membw" not in cases:
+    if any(c in ("resident", "gemv", "attention") or c.startswith("batch") for c in cases) and "membw" not in cases:
         cases.insert(0, "membw")
     if any(c.startswith("batch") or c in ("prefill", "longctx", "resident") for c in cases):
         cases = ["floor1", "floor4"] + [c for c in cases if c not in ("floor", "floor1", "floor4")]
@@ -420,6 +443,15 @@ def report(res: dict, a) -> str:
             rows.append(f"| {scheme} matmul, {m} rows, [{dim}, {dim}] | {ms['streamer']:.2f} ms "
                         f"(torch's {scheme} kernel {ms['kernel']:.2f}) | {ms['bf16']:.2f} ms (bf16 F.linear) | "
                         f"{ms['streamer'] / ms['bf16']:.2f} |")
+    for name, ms in res.get("attention", {}).items():
+        if isinstance(ms, dict):
+            d, s = name.split()
+            floor = f"{ms['kv_bytes'] / membw * 1e3:.2f} ms (its keys and values at the memory rate)" if membw else ""
+            best = ms.get("compiled", ms["eager"])
+            rows.append(f"| decode attention, {d} sequences x {s} positions, a layer | "
+                        + (f"compiled {ms['compiled']:.2f} ms, " if "compiled" in ms else "")
+                        + f"eager {ms['eager']:.2f} ms | {floor} | "
+                        + (f"{best / (ms['kv_bytes'] / membw * 1e3):.2f} |" if membw else " |"))
     r = res.get("resident", {})
     if "step_s" in r:
         floor = r["resident_bytes"] / membw if membw else None
