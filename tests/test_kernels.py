@@ -74,3 +74,19 @@ def test_decode_attention_is_each_sequences_own(compiled, slots):
     with kernels.one_row(compiled):
         got = attend_decode(q, kv, slots, ends)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_batch_with_compiled_kernels_gives_single_runs(tmp_path):
+    """A batch with the compiled decode attention (and a slot refilled, so some passes take scattered rows) gives
+    each prompt's single-run tokens and logprobs."""
+    from streamer import Engine
+    folder = make_split(tmp_path, GQA)
+    lines = [{"id": i, "prompt_ids": [3, 141, 59, 26, 53, 58, 97][:2 + i], "max_new_tokens": 6 + i} for i in range(5)]
+    with Engine(folder, dtype="float32", compile=True) as engine:
+        got = {r["id"]: r for r in engine.batch(lines, batch_size=4)}
+        assert engine._runner.compiled
+    for line in lines:
+        single, _ = stream(folder, line["prompt_ids"], line["max_new_tokens"])
+        assert got[line["id"]]["tokens"] == [p.token for p in single]
+        assert_logprobs_close(got[line["id"]]["logprobs"], [p.logprob for p in single])
