@@ -119,33 +119,15 @@ def trim_page_cache() -> None:
         os.close(fd)
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-def _mallopt(param: int, value: int) -> None:
-    """Process-wide; a no-op where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(param, value)
-    except (OSError, AttributeError):
-        pass
-
-
 def return_freed_memory() -> None:
     """Have glibc serve allocations of 1 MiB and more from their own mappings, so a freed matrix goes back
     to the system. By default its threshold rises to 32 MiB after the first large free, and later matrices
-    stay in its heap when freed: a split of an 8B GGUF peaked ~120 MB higher that way (RSS 590 MB, not 470)."""
-    _mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    _mallopt(M_TRIM_THRESHOLD, 128 << 10)  # glibc's default
-
-
-def keep_freed_memory() -> None:
-    """The runner's opposite of return_freed_memory: every pass allocates the same activations again, and glibc
-    gave the large ones back to the system at each free (its own mappings, a trimmed heap), so each pass faulted
-    them in anew: ~80,000 faults a decode step and 500,000 in a 1,024-token prefill on the 8B at batch 256
-    (~1-2 us each here), 120.9 M in the end-to-end job with 300 s of system time. Kept in its heap instead, the
-    same run faulted 3-5 times a step in the steady state; its steps took 10.4 s against 11.2-12.9, its prefill
-    43.6 s against 57.6 (one run each under memcap 4G)."""
-    _mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    _mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    stay in its heap when freed: a split of an 8B GGUF peaked ~120 MB higher that way (RSS 590 MB, not 470).
+    Process-wide; a no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass

@@ -12,7 +12,7 @@ import torch
 from . import kernels, model
 from .kvcache import KVCache
 from .layout import ModelFiles
-from .memory import MemoryMonitor, keep_freed_memory, trim_page_cache
+from .memory import MemoryMonitor, trim_page_cache
 from .model import Seq
 from .stream import ResidentFile, StreamedFile, WeightStream, file_pieces, map_whole, read_whole, touch_pages
 
@@ -70,7 +70,6 @@ class Runner:
         dt, shape, begin, _ = index["tok_embeddings"]
         self._emb = (os.open(files.folder / "embedding.safetensors", os.O_RDONLY), dt, shape[1], start + begin)
         trim_page_cache()
-        keep_freed_memory()  # each pass allocates the same activations again: their pages stay, not fault in anew
 
     def _phase(self, name: str) -> None:
         if self.monitor:
