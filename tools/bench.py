@@ -121,14 +121,7 @@ def gemv_rates(shapes: list[tuple[int, int]], total: int = 1 << 30) -> dict:
         ws = [torch.randn(o, i).to(torch.bfloat16) for _ in range(max(1, total // (2 * o * i)))]
         x = torch.randn(1, i).to(torch.bfloat16)
         for name, k in kernels.items():
-            k(ws[0], x)
-            best = float("inf")
-            for _ in range(3):
-                t0 = time.perf_counter()
-                for w in ws:
-                    k(w, x)
-                best = min(best, time.perf_counter() - t0)
-            out[f"{name} [{o}, {i}]"] = len(ws) * 2 * o * i / best / 1e9
+            out[f"{name} [{o}, {i}]"] = 2 * o * i / _per_matrix(lambda x, w: k(w, x), x, ws, reps=3) / 1e9
     return out
 
 
