@@ -4,8 +4,13 @@ int8: symmetric, one scale per output row:  w ~ q * scale,           q in [-127,
 int4: asymmetric, per group of `group` inputs: w ~ (q - 8) * s + z,  q in [0, 15],
       packed by torch._convert_weight_to_int4pack_for_cpu (the layout its matmul kernel reads).
 A quantized matrix is stored as NAME (the codes) followed by NAME.scale (int8) or NAME.sz (int4:
-scales and zeros, [in / group, out, 2]); nothing is ever dequantized to a full matrix (at many rows, a tile
-of at most DEQUANT_TILE codes at a time is converted to the compute dtype for F.linear's GEMM).
+scales and zeros, [in / group, out, 2]); nothing is ever dequantized to a full matrix (int4 at many rows
+converts a tile of at most DEQUANT_TILE codes at a time to the compute dtype for F.linear's GEMM).
+
+int8 multiplies int8 by int8 (int8_matmul) at one row and from INT8_GEMM_ROWS rows: each row of x is
+quantized on the fly, symmetric with its own scale (llama.cpp's Q8_0 does the same per block of 32), and torch's
+integer matmul sums exact int32 products, at about twice bf16's rate (AVX512-VNNI). A row's result does not
+depend on the other rows, since the sums are exact.
 """
 from __future__ import annotations
 
@@ -58,8 +63,8 @@ def quantize_int4(w: torch.Tensor, group: int) -> Int4Weight:
                       torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
 
 
-INT8_DEQUANT_ROWS = 12  # from this many rows, int8 codes are converted to x's dtype and multiplied by F.linear
-INT4_DEQUANT_ROWS = 256  # the same for int4 (its conversion costs more: unpacking, a scale and zero per group)
+INT8_GEMM_ROWS = 6  # int8 at 2 .. this - 1 rows takes torch's int8-by-float kernel; at 1 and from here, int8_matmul
+INT4_DEQUANT_ROWS = 256  # from this many rows, int4 codes are converted to x's dtype a tile at a time for F.linear
 
 
 def int4_codes(packed: torch.Tensor, out: int, inp: int) -> torch.Tensor:
@@ -95,19 +100,42 @@ def dequantize_int4(w: Int4Weight, dtype: torch.dtype, out: torch.Tensor | None 
     return y.add_((w.sz[..., 1].T[..., None] - 8 * scale).to(dtype)).view(rows, inp)
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] as int8 codes and a float32 scale per row [M, 1]: x ~ codes * scale, codes in [-127, 127]."""
+    scale = (x.abs().amax(dim=1, keepdim=True).float() / 127).clamp(min=1e-30)
+    return torch.div(x, scale).round_().to(torch.int8), scale
+
+
+def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """x @ W.T with x quantized per row (quantize_rows): exact int32 sums of int8 products, then
+    (sum * weight scale) * row scale in float32, rounded to x's dtype once. The weight scale is first rounded
+    to x's dtype, so a resident file (scales converted at load) gives the very same numbers as a streamed one.
+    One row takes torch._int_mm(x, W.T); more take it as (W @ x.T).T, 1.3-3x faster there, and the product is
+    exact either way."""
+    xq, sx = quantize_rows(x)
+    sw = w.scale.to(x.dtype).float()
+    if x.shape[0] == 1:
+        return torch.mul(torch.mul(torch._int_mm(xq, w.q.t()), sw), sx).to(x.dtype)
+    out = torch.empty(w.q.shape[0], x.shape[0], dtype=x.dtype)
+    torch.mul(torch.mul(torch._int_mm(w.q, xq.t()), sw[:, None]), sx.t(), out=out)
+    return out.t().contiguous()
+
+
 def qlinear(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ W.T on quantized codes, in x's dtype: torch's kernels at few rows, else the codes converted a tile at
-    a time into x's dtype for F.linear's GEMM (_tiled), with int8's row scales applied to its output. On
-    4096 x 4096 codes, 2 threads (`tools/bench.py MODEL --cases qmatmul`): int8's kernel took 2.1 / 3.3 / 3.8 /
-    7.3 / 28.7 ms at 8 / 12 / 16 / 32 / 128 rows, the tiled GEMM 3.4 at 16, 4.9 at 32 and 11.9 at 128 (bf16's
-    10.6); in a scratch run of both at every row count they crossed at 12 (3.2-3.3 ms against 3.3-3.4). torch's
-    int4 kernel took 13.2 / 25.3 / 50.5 ms at 64 / 128 / 256 rows, the tiled GEMM 34.1 at 256 (unpacking
-    the nibbles costs ~0.7 ns a code; in the scratch run 24.2 / 25.6 at 64 / 128), so int4 switches at 256."""
+    """x @ W.T on quantized codes, in x's dtype. On 4096 x 4096 codes and bf16 x, 2 threads (`tools/bench.py
+    MODEL --cases qmatmul`):
+    - int8: int8_matmul at 1 row and from INT8_GEMM_ROWS rows, torch's int8-by-float kernel between (at 2-5
+      rows the integer matmul takes as long as at 16: ~45 ms on 8 x 14336 x 4096 codes against the kernel's
+      23-30). In a scratch run on the 8B's shapes the integer matmul took 0.14-0.24x bf16's time at 1 row and
+      0.57-0.82x at 16-512 rows, quantizing the rows and scaling the sums included.
+    - int4: torch's kernel below INT4_DEQUANT_ROWS, else the codes converted a tile at a time into x's dtype
+      for F.linear's GEMM (_tiled). torch's int4 kernel took 13.2 / 25.3 / 50.5 ms at 64 / 128 / 256 rows,
+      the tiled GEMM 34.1 at 256 (unpacking the nibbles costs ~0.7 ns a code), so int4 switches at 256."""
     if isinstance(w, Int8Weight):
         # torch 2.13's int8 kernel crashes (SIGSEGV) on 2 or more rows when the input width is not a multiple of
-        # 16 (stories260K's FFN, 172): those take the GEMM too
-        if x.shape[0] >= INT8_DEQUANT_ROWS or (x.shape[0] > 1 and w.q.shape[1] % 16):
-            return _tiled(x, w.q.shape[0], 1, lambda j, k, buf: buf.copy_(w.q[j:k])) * w.scale.to(x.dtype)
+        # 16 (stories260K's FFN, 172): those take the integer matmul too
+        if x.shape[0] == 1 or x.shape[0] >= INT8_GEMM_ROWS or w.q.shape[1] % 16:
+            return int8_matmul(x, w)
         return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
     if x.shape[0] >= INT4_DEQUANT_ROWS and int4_layout_known():
         return _tiled(x, w.sz.shape[1], 64,
