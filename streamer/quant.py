@@ -64,40 +64,54 @@ def quantize_int4(w: torch.Tensor, group: int) -> Int4Weight:
 
 
 INT8_GEMM_ROWS = 6  # int8 at 2 .. this - 1 rows takes torch's int8-by-float kernel; at 1 and from here, int8_matmul
-INT4_DEQUANT_ROWS = 256  # from this many rows, int4 codes are converted to x's dtype a tile at a time for F.linear
+INT4_DEQUANT_ROWS = 64  # from this many rows, int4 codes are converted to x's dtype a tile at a time for F.linear
+
+
+def int4_codes_t(packed: torch.Tensor, out: int, inp: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    """The codes (0..15) transposed, [inp, out], into `into` (any dtype) if given, else uint8. torch 2.x packs
+    rows in blocks of 64, each input k's 32 bytes holding row i (low nibble) and row i + 32 (high); then the last
+    out % 64 rows, each k's bytes holding rows 2j (low) and 2j + 1 (high). So W.T comes out in runs of 32 (or 2)
+    rows with no bytes transposed: 0.42 against 0.76 ns a code for W in a scratch run (2 threads, 4096 x 4096,
+    bf16, scales applied). `int4_layout_known` checks the layout."""
+    y = torch.empty(inp, out, dtype=torch.uint8) if into is None else into
+    flat, full = packed.reshape(-1), out // 64 * 64
+    if full:
+        b = flat[:full * inp // 2].view(full // 64, inp, 32).permute(1, 0, 2)
+        v = y[:, :full].unflatten(1, (full // 64, 2, 32))
+        v[:, :, 0].copy_(b & 0xF)
+        v[:, :, 1].copy_(b >> 4)
+    if out > full:
+        b = flat[full * inp // 2:].view(inp, (out - full) // 2)
+        v = y[:, full:].unflatten(1, ((out - full) // 2, 2))
+        v[..., 0].copy_(b & 0xF)
+        v[..., 1].copy_(b >> 4)
+    return y
 
 
 def int4_codes(packed: torch.Tensor, out: int, inp: int) -> torch.Tensor:
-    """The [out, inp] codes (0..15, uint8) in torch's CPU int4 kernel layout as torch 2.x packs it: rows in
-    blocks of 64, each input k's 32 bytes holding row i (low nibble) and row i + 32 (high); then the last
-    out % 64 rows, each k's bytes holding rows 2j (low) and 2j + 1 (high). `int4_layout_known` checks it."""
-    flat = packed.reshape(-1)
-    full = out // 64 * 64
-    parts = []
-    if full:
-        b = flat[:full * inp // 2].reshape(full // 64, inp, 32)
-        parts.append(torch.cat([b & 0xF, b >> 4], dim=2).permute(0, 2, 1).reshape(full, inp))
-    if out > full:
-        b = flat[full * inp // 2:].reshape(inp, (out - full) // 2)
-        parts.append(torch.stack([b & 0xF, b >> 4], -1).reshape(inp, out - full).T)
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    """The [out, inp] codes (0..15, uint8)."""
+    return int4_codes_t(packed, out, inp).T.contiguous()
 
 
 @functools.cache
 def int4_layout_known() -> bool:
-    """Whether this torch packs int4 codes as int4_codes reads them (checked once, on a small matrix with a
+    """Whether this torch packs int4 codes as int4_codes_t reads them (checked once, on a small matrix with a
     block of 64 rows and a tail); if not, int4 stays on torch's kernel at every row count."""
     q = torch.randint(0, 16, (80, 128), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     return torch.equal(int4_codes(torch._convert_weight_to_int4pack_for_cpu(q, 1), 80, 128).to(torch.int32), q)
 
 
-def dequantize_int4(w: Int4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The [out, in] matrix (q - 8) * scale + zero in dtype, as q * scale + (zero - 8 * scale); into `out` if given."""
+def dequantize_int4_t(w: Int4Weight, dtype: torch.dtype, into: torch.Tensor | None = None) -> torch.Tensor:
+    """W.T, [in, out], in dtype: (q - 8) * scale + zero, as q * scale + (zero - 8 * scale); into `into` if given."""
     rows, inp, g = w.sz.shape[1], 2 * w.packed.shape[1], w.group
-    codes = int4_codes(w.packed, rows, inp).view(rows, inp // g, g).to(dtype)
-    scale = w.sz[..., 0].T[..., None]
-    y = torch.mul(codes, scale.to(dtype), out=None if out is None else out.view(rows, inp // g, g))
-    return y.add_((w.sz[..., 1].T[..., None] - 8 * scale).to(dtype)).view(rows, inp)
+    y = int4_codes_t(w.packed, rows, inp, torch.empty(inp, rows, dtype=dtype) if into is None else into)
+    scale = w.sz[..., 0][:, None, :]
+    return y.view(inp // g, g, rows).mul_(scale.to(dtype)).add_((w.sz[..., 1][:, None, :] - 8 * scale).to(dtype)).view(inp, rows)
+
+
+def dequantize_int4(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] matrix (a transposed view of dequantize_int4_t's)."""
+    return dequantize_int4_t(w, dtype).T
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +153,7 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
     if x.shape[0] >= INT4_DEQUANT_ROWS and int4_layout_known():
         return _tiled(x, w.sz.shape[1], 64,
-                      lambda j, k, buf: dequantize_int4(Int4Weight(w.packed[j:k], w.sz[:, j:k]), x.dtype, buf))
+                      lambda j, k, buf: dequantize_int4_t(Int4Weight(w.packed[j:k], w.sz[:, j:k]), x.dtype, buf))
     return torch._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.sz.to(x.dtype))
 
 
@@ -147,18 +161,18 @@ DEQUANT_TILE = 1 << 21  # codes converted at a time: a 4 MiB bf16 tile, reused, 
 
 
 def _tiled(x: torch.Tensor, out: int, align: int, convert) -> torch.Tensor:
-    """x @ W.T for W [out, in] given a tile of rows at a time: convert(j, k, buf) writes rows j..k-1 of W, in
-    x's dtype, into buf [k - j, in] and returns it. Converting a whole 16 MiB piece into a fresh tensor, then
-    multiplying, took 21.3 ms at 128 rows on 4096 x 4096 codes, against 10.9 ms for the GEMM alone: the
-    new tensor's pages fault in, and the GEMM reads it back from RAM. In tiles of 512 rows it took 11.8 ms
-    (2 threads; tiles of 128-1024 rows 11.6-12.9 ms, the GEMM alone 10.8-11.1 in the same runs)."""
+    """x @ W.T for W [out, in] given a tile of rows at a time: convert(j, k, buf) writes rows j..k-1 of W,
+    transposed and in x's dtype, into buf [in, k - j] and returns it. Converting a whole 16 MiB piece into a
+    fresh tensor, then multiplying, took 21.3 ms at 128 rows on 4096 x 4096 int8 codes, against 10.9 ms for the
+    GEMM alone: the new tensor's pages fault in, and the GEMM reads it back from RAM. In tiles of 512 rows it
+    took 11.8 ms (2 threads; tiles of 128-1024 rows 11.6-12.9 ms, the GEMM alone 10.8-11.1 in the same runs)."""
     inp = x.shape[1]
     rows = min(out, max(align, DEQUANT_TILE // inp // align * align))
-    buf = torch.empty(rows, inp, dtype=x.dtype)
+    buf = torch.empty(inp * rows, dtype=x.dtype)
     y = torch.empty(x.shape[0], out, dtype=x.dtype)
     for j in range(0, out, rows):
         k = min(out, j + rows)
-        torch.mm(x, convert(j, k, buf[:k - j]).T, out=y[:, j:k])
+        torch.mm(x, convert(j, k, buf[:inp * (k - j)].view(inp, k - j)), out=y[:, j:k])
     return y
 
 
