@@ -64,7 +64,7 @@ def quantize_int4(w: torch.Tensor, group: int) -> Int4Weight:
 
 
 INT8_GEMM_ROWS = 6  # int8 at 2 .. this - 1 rows takes torch's int8-by-float kernel; at 1 and from here, int8_matmul
-INT4_DEQUANT_ROWS = 64  # from this many rows, int4 codes are converted to x's dtype a tile at a time for F.linear
+INT4_DEQUANT_ROWS = 256  # from this many rows, int4 codes are converted to x's dtype a tile at a time for F.linear
 
 
 def int4_codes_t(packed: torch.Tensor, out: int, inp: int, into: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,8 +105,10 @@ def dequantize_int4_t(w: Int4Weight, dtype: torch.dtype, into: torch.Tensor | No
     """W.T, [in, out], in dtype: (q - 8) * scale + zero, as q * scale + (zero - 8 * scale); into `into` if given."""
     rows, inp, g = w.sz.shape[1], 2 * w.packed.shape[1], w.group
     y = int4_codes_t(w.packed, rows, inp, torch.empty(inp, rows, dtype=dtype) if into is None else into)
-    scale = w.sz[..., 0][:, None, :]
-    return y.view(inp // g, g, rows).mul_(scale.to(dtype)).add_((w.sz[..., 1][:, None, :] - 8 * scale).to(dtype)).view(inp, rows)
+    scale = w.sz[..., 0].contiguous()  # [in / group, out]; contiguous, or the products below take a slow strided path
+    zero = (w.sz[..., 1] - 8 * scale).to(dtype)
+    v = y.view(inp // g, g, rows)
+    return torch.addcmul(zero[:, None], v, scale.to(dtype)[:, None], out=v).view(inp, rows)  # one pass, not two
 
 
 def dequantize_int4(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -140,11 +142,13 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
     MODEL --cases qmatmul`):
     - int8: int8_matmul at 1 row and from INT8_GEMM_ROWS rows, torch's int8-by-float kernel between (at 2-5
       rows the integer matmul takes as long as at 16: ~45 ms on 8 x 14336 x 4096 codes against the kernel's
-      23-30). In a scratch run on the 8B's shapes the integer matmul took 0.14-0.24x bf16's time at 1 row and
-      0.57-0.82x at 16-512 rows, quantizing the rows and scaling the sums included.
+      23-30). The integer matmul took 0.23-0.37x bf16's time at 1 row and 0.58-1.00x at 16-512 rows (four
+      runs, each process at its own level: 0.58-0.74x in two, 0.86-1.00x in the other two).
     - int4: torch's kernel below INT4_DEQUANT_ROWS, else the codes converted a tile at a time into x's dtype
-      for F.linear's GEMM (_tiled). torch's int4 kernel took 13.2 / 25.3 / 50.5 ms at 64 / 128 / 256 rows,
-      the tiled GEMM 34.1 at 256 (unpacking the nibbles costs ~0.7 ns a code), so int4 switches at 256."""
+      for F.linear's GEMM (_tiled). On 4096 x 4096 codes torch's int4 kernel took 12.8-13.4 / 25.1-25.2 /
+      50.3-52.2 ms at 64 / 128 / 256 rows, the tiled GEMM 13.4-13.5 / 18.0-18.5 / 28.1-28.2 (bf16 6.0 / 10.6 /
+      20.6). Yet an all-resident 8B step at 128 rows took 8.7-13.7 s tiled (five runs) against the kernel's
+      11.8-12.1 (three), so int4 switches at 256."""
     if isinstance(w, Int8Weight):
         # torch 2.13's int8 kernel crashes (SIGSEGV) on 2 or more rows when the input width is not a multiple of
         # 16 (stories260K's FFN, 172): those take the integer matmul too
