@@ -307,7 +307,7 @@ def worker(case: str, model: Path, a) -> dict:
         return peer_steps("hf", a.hf, 8, 1, a.cap_bytes, prompt_len=1536)
     if case.startswith(("hf", "airllm")):
         kind = next(k for k in ("hfram", "hf", "airllm") if case.startswith(k))
-        return peer_steps(kind, a.hf, int(case.removeprefix(kind)), a.steps, a.cap_bytes)
+        return peer_steps(kind, a.hf, int(case.removeprefix(kind)), a.steps, a.cap_bytes, prompt_len=a.prompt_len)
     raise SystemExit(f"unknown case {case}")
 
 
@@ -355,7 +355,7 @@ def main() -> None:
     p.add_argument("--cases", default="floor,matmul,batch1,prefill")
     p.add_argument("--batches", default="1,8,32,64", help="batch sizes for the `batch` case")
     p.add_argument("--steps", type=int, default=3, help="decode steps per batch case (median reported)")
-    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence in the batch cases")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence in the batch and peer cases")
     p.add_argument("--longctx-cap", default="1G")
     p.add_argument("--int8", type=Path, help="the same model split with --quantize int8 (case int8)")
     p.add_argument("--int4", type=Path, help="the same model split with --quantize int4 (case int4)")
