@@ -122,13 +122,28 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.div(x, scale).round_().to(torch.int8), scale
 
 
+_last_rows = None  # (x, x._version, codes, scales) of the latest quantize_rows through _rows_of
+
+
+def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows(x), reusing the latest result when x is the same unchanged tensor: wqkv's pieces, and w1 and
+    w3 of every FFN slice, multiply the same x (28 of a block's 42 int8 matmuls on the 8B split)."""
+    global _last_rows
+    last = _last_rows  # one read: another thread may replace it meanwhile
+    if last is not None and last[0] is x and last[1] == x._version:
+        return last[2], last[3]
+    xq, sx = quantize_rows(x)
+    _last_rows = (x, x._version, xq, sx)
+    return xq, sx
+
+
 def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x @ W.T with x quantized per row (quantize_rows): exact int32 sums of int8 products, then
     (sum * weight scale) * row scale in float32, rounded to x's dtype once. The weight scale is first rounded
     to x's dtype, so a resident file (scales converted at load) gives the very same numbers as a streamed one.
     One row takes torch._int_mm(x, W.T); more take it as (W @ x.T).T, 1.3-3x faster there, and the product is
     exact either way."""
-    xq, sx = quantize_rows(x)
+    xq, sx = _rows_of(x)
     sw = w.scale.to(x.dtype).float()
     if x.shape[0] == 1:
         return torch.mul(torch.mul(torch._int_mm(xq, w.q.t()), sw), sx).to(x.dtype)
@@ -142,8 +157,8 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
     MODEL --cases qmatmul`):
     - int8: int8_matmul at 1 row and from INT8_GEMM_ROWS rows, torch's int8-by-float kernel between (at 2-5
       rows the integer matmul takes as long as at 16: ~45 ms on 8 x 14336 x 4096 codes against the kernel's
-      23-30). The integer matmul took 0.23-0.37x bf16's time at 1 row and 0.58-1.00x at 16-512 rows (four
-      runs, each process at its own level: 0.58-0.74x in two, 0.86-1.00x in the other two).
+      23-30). The integer matmul took 0.23-0.37x bf16's time at 1 row, 0.61-0.88x at 16-32 rows, and from 64
+      rows 0.58-0.71x in two of five runs, 0.86-1.01x in the other three (each process kept its own level).
     - int4: torch's kernel below INT4_DEQUANT_ROWS, else the codes converted a tile at a time into x's dtype
       for F.linear's GEMM (_tiled). On 4096 x 4096 codes torch's int4 kernel took 12.8-13.4 / 25.1-25.2 /
       50.3-52.2 ms at 64 / 128 / 256 rows, the tiled GEMM 13.4-13.5 / 18.0-18.5 / 28.1-28.2 (bf16 6.0 / 10.6 /

@@ -47,6 +47,19 @@ def test_int8_rows_give_the_same_numbers_alone_or_together(dt):
     assert torch.equal(torch.cat([qlinear(x[i:i + 1], qw) for i in range(40)]), together)
 
 
+def test_int8_rows_quantized_once_for_the_same_unchanged_input(monkeypatch):
+    torch.manual_seed(0)
+    qa, qb = quantize(torch.randn(64, 128) * 0.05, "int8"), quantize(torch.randn(32, 128) * 0.05, "int8")
+    x = torch.randn(8, 128)
+    calls = []
+    monkeypatch.setattr(quant, "quantize_rows", lambda x, f=quant.quantize_rows: calls.append(x) or f(x))
+    qlinear(x, qa), qlinear(x, qb)
+    assert len(calls) == 1
+    x.mul_(-3)  # changed in place: quantized again, and the product follows
+    assert torch.equal(qlinear(x, qb), qlinear(x.clone(), qb))
+    assert len(calls) == 3
+
+
 def test_codes_converted_a_tile_at_a_time_give_the_whole_product(monkeypatch):
     torch.manual_seed(0)
     w, x = torch.randn(208, 128) * 0.05, torch.randn(300, 128)  # 208 rows: three int4 blocks of 64, then a tail of 16
