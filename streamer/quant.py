@@ -88,17 +88,12 @@ def int4_codes_t(packed: torch.Tensor, out: int, inp: int, into: torch.Tensor | 
     return y
 
 
-def int4_codes(packed: torch.Tensor, out: int, inp: int) -> torch.Tensor:
-    """The [out, inp] codes (0..15, uint8)."""
-    return int4_codes_t(packed, out, inp).T.contiguous()
-
-
 @functools.cache
 def int4_layout_known() -> bool:
     """Whether this torch packs int4 codes as int4_codes_t reads them (checked once, on a small matrix with a
     block of 64 rows and a tail); if not, int4 stays on torch's kernel at every row count."""
     q = torch.randint(0, 16, (80, 128), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    return torch.equal(int4_codes(torch._convert_weight_to_int4pack_for_cpu(q, 1), 80, 128).to(torch.int32), q)
+    return torch.equal(int4_codes_t(torch._convert_weight_to_int4pack_for_cpu(q, 1), 80, 128).T.to(torch.int32), q)
 
 
 def dequantize_int4_t(w: Int4Weight, dtype: torch.dtype, into: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,11 +104,6 @@ def dequantize_int4_t(w: Int4Weight, dtype: torch.dtype, into: torch.Tensor | No
     zero = (w.sz[..., 1] - 8 * scale).to(dtype)
     v = y.view(inp // g, g, rows)
     return torch.addcmul(zero[:, None], v, scale.to(dtype)[:, None], out=v).view(inp, rows)  # one pass, not two
-
-
-def dequantize_int4(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The [out, in] matrix (a transposed view of dequantize_int4_t's)."""
-    return dequantize_int4_t(w, dtype).T
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

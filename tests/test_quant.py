@@ -7,7 +7,7 @@ import torch
 from conftest import GQA, STORIES, make_split, stream
 from streamer import MemoryKVCache, ModelFiles, Runner, quant
 from streamer.layout import MANIFEST
-from streamer.quant import (Int4Weight, Int8Weight, dequantize_int4, int4_codes, int4_group, int4_layout_known, qlinear,
+from streamer.quant import (Int4Weight, Int8Weight, dequantize_int4_t, int4_codes_t, int4_group, int4_layout_known, qlinear,
                             quantize)
 from streamer.split import split
 
@@ -67,7 +67,7 @@ def test_codes_converted_a_tile_at_a_time_give_the_whole_product(monkeypatch):
     monkeypatch.setattr(quant, "DEQUANT_TILE", 64 * 128)  # 64 rows a tile: four tiles, the last the tail alone
     calls = []
     monkeypatch.setattr(quant, "_tiled", lambda *a, f=quant._tiled: calls.append(a[1]) or f(*a))
-    torch.testing.assert_close(qlinear(x, qw), x @ dequantize_int4(qw, torch.float32).T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qlinear(x, qw), x @ dequantize_int4_t(qw, torch.float32), rtol=1e-5, atol=1e-5)
     assert calls == [208]
 
 
@@ -75,11 +75,11 @@ def test_codes_converted_a_tile_at_a_time_give_the_whole_product(monkeypatch):
 def test_int4_codes_unpack_torchs_layout(out):
     assert int4_layout_known()
     q = torch.randint(0, 16, (out, 128), dtype=torch.int32)
-    assert torch.equal(int4_codes(torch._convert_weight_to_int4pack_for_cpu(q, 1), out, 128).to(torch.int32), q)
+    assert torch.equal(int4_codes_t(torch._convert_weight_to_int4pack_for_cpu(q, 1), out, 128).T.to(torch.int32), q)
     w = quantize(torch.randn(out, 128), "int4")
-    codes = int4_codes(w.packed, out, 128).float().view(out, 2, 64)
+    codes = int4_codes_t(w.packed, out, 128).T.float().reshape(out, 2, 64)
     want = ((codes - 8) * w.sz[..., 0].T[..., None] + w.sz[..., 1].T[..., None]).view(out, 128)
-    torch.testing.assert_close(dequantize_int4(w, torch.float32), want)
+    torch.testing.assert_close(dequantize_int4_t(w, torch.float32).T, want)
 
 
 def teacher_forced_logits(folder, seq):
