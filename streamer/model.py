@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .args import ModelArgs
 from .kernels import decode_attention, linear_one_row, swiglu_one_row
-from .quant import qlinear
+from .quant import Int8FFN, Int8Rows, int8_ffn_one_row, int8_rows_one_row, qlinear
 
 
 class Seq(NamedTuple):
@@ -129,6 +129,10 @@ def attend_decode(q: torch.Tensor, kv: torch.Tensor, slots: list[int], ends: tor
 def feed_forward(x: torch.Tensor, pieces) -> torch.Tensor:
     """SwiGLU w2(silu(w1 x) * w3 x), one slice j of the hidden dim at a time: pieces yields
     (w1[j] [c, dim], w3[j] [c, dim], w2[:, j] [dim, c]). Partial sums accumulate in float32."""
+    if isinstance(pieces, Int8FFN):  # a resident int8 file's slices
+        if x.shape[0] == 1:
+            return int8_ffn_one_row(x, pieces)
+        pieces = pieces.slices
     y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
     for w1, w3, w2 in pieces:
         if x.shape[0] == 1 and (part := swiglu_one_row(x, w1, w3, w2)) is not None:  # batch-1 decode, compiled
@@ -158,6 +162,10 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
 
 def linear_rows(x: torch.Tensor, pieces) -> torch.Tensor:
     """x @ W.T for W given whole or as row pieces (W = [W0; W1; ...]): the outputs concatenate."""
+    if isinstance(pieces, Int8Rows):  # a resident int8 file's pieces
+        if x.shape[0] == 1:
+            return int8_rows_one_row(x, pieces)
+        pieces = iter(pieces.pieces)
     if not isinstance(pieces, Iterator):  # a tensor, or quantized codes with their scales
         return linear(x, pieces)
     return torch.cat([linear(x, w) for w in pieces], dim=-1)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import quant
 from .errors import StreamerError
 from .quant import Int4Weight, Int8Weight
 from .files import drop_cache
@@ -338,6 +339,24 @@ class ResidentFile(FileView):
                 converted = t.to(dtype)  # into the first bytes of its own storage: no extra memory kept
                 self.t[name] = t.view(-1).view(torch.uint8)[:converted.numel() * dtype.itemsize].view(dtype).view(t.shape)
                 self.t[name].copy_(converted)
+        self.joined = self._joined(dtype) if dtype is not None else {}
+
+    def _joined(self, dtype: torch.dtype) -> dict:
+        """int8 row pieces and FFN slices, their scales joined once, for one-row products with one epilogue
+        (quant.Int8Rows, quant.Int8FFN). The FFN's only where every slice is whole vectors (64 values; or
+        one slice), so its SiLU rounds every value as the slice-at-a-time form does (tails take a scalar loop)."""
+        int8 = lambda ws: all(isinstance(w, Int8Weight) for w in ws)
+        joined = {}
+        for name, parts in self.pieced.items():
+            if name not in self.names and not name.startswith("ffn.") and int8(ws := [self._weight(n) for n in parts]):
+                joined[name] = quant.joined_rows(ws, dtype)
+        slices = [tuple(self._weight(f + s) for s in (".w1", ".w3", ".w2")) for f in self.ffn]
+        if slices and int8([w for t in slices for w in t]) and (len(slices) == 1 or slices[0][0].q.shape[0] % 64 == 0):
+            joined["ffn"] = quant.joined_ffn(slices, dtype)
+        return joined
+
+    def __getitem__(self, name: str):
+        return self.joined[name] if name in self.joined else super().__getitem__(name)
 
     def _take(self, name: str) -> torch.Tensor:
         return self.t[name]

@@ -134,3 +134,23 @@ def test_resident_scales_converted_once_give_the_same_output(tmp_path, scheme):
     streamed, _ = stream(tmp_path / scheme, [1, 2, 3], 8, dtype=torch.bfloat16, runner_kw={"resident": []})
     assert [p.token for p in resident] == [p.token for p in streamed]
     assert [p.logprob for p in resident] == [p.logprob for p in streamed]
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_resident_int8_pieces_joined_give_the_same_output(tmp_path, monkeypatch, dt):
+    """A resident int8 file takes one row's products of all row pieces (wqkv, wo, the head) and all FFN slices
+    with one epilogue each (quant.Int8Rows, Int8FFN); streamed pieces take one each. The same numbers, bit for bit."""
+    from streamer import layout
+    monkeypatch.setattr(layout, "PIECE_BYTES", 16 << 10)  # wqkv in 4 pieces, wo 2, the head 8
+    monkeypatch.setattr(layout, "FFN_PIECE_ROWS", 64)  # 7 FFN slices of 64
+    make_split(tmp_path, {**GQA, "dim": 128, "n_heads": 4})
+    split(tmp_path / "meta", tmp_path / "int8", quantize="int8")
+    files = ModelFiles(tmp_path / "int8")
+    runner = Runner(files, dt, resident=files.step_files())
+    block, head = runner.views["block_000.safetensors"], runner.views["head.safetensors"]
+    assert {k: len(v[0]) for k, v in block.joined.items()} == {"wqkv": 4, "wo": 2, "ffn": 7}
+    assert len(head.joined["output"].pieces) == 8
+    resident, _ = stream(tmp_path / "int8", [1, 2, 3], 8, dtype=dt)
+    streamed, _ = stream(tmp_path / "int8", [1, 2, 3], 8, dtype=dt, runner_kw={"resident": []})
+    assert [p.token for p in resident] == [p.token for p in streamed]
+    assert [p.logprob for p in resident] == [p.logprob for p in streamed]
