@@ -129,14 +129,13 @@ def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x @ W.T with x quantized per row (quantize_rows): exact int32 sums of int8 products, then
-    (sum * weight scale) * row scale in float32, rounded to x's dtype once. The weight scale is first rounded
-    to x's dtype, so a resident file (scales converted at load) gives the very same numbers as a streamed one.
+    (sum * weight scale) * row scale in float32, rounded to x's dtype once (weight_scale, _scaled).
     One row takes torch._int_mm(x, W.T); more take it as (W @ x.T).T, 1.1-3.4x faster there, and the product is
     exact either way."""
     xq, sx = _rows_of(x)
-    sw = w.scale.to(x.dtype).float()
+    sw = weight_scale(w, x.dtype)
     if x.shape[0] == 1:
-        return torch.mul(torch.mul(torch._int_mm(xq, w.q.t()), sw), sx).to(x.dtype)
+        return _scaled(torch._int_mm(xq, w.q.t()), sw, sx, x.dtype)
     out = torch.empty(w.q.shape[0], x.shape[0], dtype=x.dtype)
     torch.mul(torch.mul(torch._int_mm(w.q, xq.t()), sw[:, None]), sx.t(), out=out)
     return out.t().contiguous()
@@ -144,65 +143,71 @@ def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
 
 class Int8Rows(NamedTuple):
     """An int8 matrix kept in RAM as row pieces W = [W0; W1; ...] (a resident file's wqkv, wo, output), with the
-    pieces' scales joined once, as int8_matmul rounds them (through the compute dtype, then float32)."""
+    pieces' scales joined once (weight_scale)."""
     pieces: list[Int8Weight]
     scale: torch.Tensor  # [out] float32
 
 
 class Int8FFN(NamedTuple):
-    """A resident file's int8 FFN slices (w1 [c, dim], w3 [c, dim], w2 [dim, c] of hidden slice j), with
-    w1's then w3's scales joined [2 * hidden] and w2's stacked [slices, dim], float32 as int8_matmul rounds them."""
-    slices: list[tuple[Int8Weight, Int8Weight, Int8Weight]]
-    s13: torch.Tensor
+    """A resident file's int8 FFN slices: every slice's w1 [c, dim], then every slice's w3, as one Int8Rows
+    [2 * hidden, dim]; each slice's w2 [dim, c], with their scales stacked [slices, dim]."""
+    up: Int8Rows
+    down: list[Int8Weight]
     s2: torch.Tensor
+
+    @property
+    def slices(self) -> list[tuple[Int8Weight, Int8Weight, Int8Weight]]:
+        """(w1, w3, w2) of each slice, as a file view's "ffn" yields them."""
+        n = len(self.down)
+        return list(zip(self.up.pieces[:n], self.up.pieces[n:], self.down))
+
+
+def weight_scale(w: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
+    """w's scales as int8_matmul multiplies by them: rounded to the compute dtype, then float32, so a resident
+    file (scales converted at load) gives the very same numbers as a streamed one."""
+    return w.scale.to(dtype).float()
+
+
+def _scaled(acc: torch.Tensor, sw: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exact int32 sums scaled back: (sum * weight scale) * row scale in float32, rounded to dtype once."""
+    return torch.mul(torch.mul(acc, sw), sx).to(dtype)
 
 
 def joined_rows(pieces: list[Int8Weight], dtype: torch.dtype) -> Int8Rows:
-    return Int8Rows(pieces, torch.cat([w.scale.to(dtype).float() for w in pieces]))
+    return Int8Rows(pieces, torch.cat([weight_scale(w, dtype) for w in pieces]))
 
 
 def joined_ffn(slices: list[tuple[Int8Weight, Int8Weight, Int8Weight]], dtype: torch.dtype) -> Int8FFN:
-    s = lambda w: w.scale.to(dtype).float()
-    return Int8FFN(slices, torch.cat([s(t[0]) for t in slices] + [s(t[1]) for t in slices]),
-                   torch.stack([s(t[2]) for t in slices]))
-
-
-def _int_mm_rows(xq: torch.Tensor, pieces: list[Int8Weight], acc: torch.Tensor) -> torch.Tensor:
-    """One row's exact int32 sums against row pieces, side by side in acc [1, sum of their rows]."""
-    a = 0
-    for w in pieces:
-        torch._int_mm(xq, w.q.t(), out=acc[:, a:a + w.q.shape[0]])
-        a += w.q.shape[0]
-    return acc
+    return Int8FFN(joined_rows([t[0] for t in slices] + [t[1] for t in slices], dtype), [t[2] for t in slices],
+                   torch.stack([weight_scale(t[2], dtype) for t in slices]))
 
 
 def int8_rows_one_row(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
-    """x [1, in] @ W.T: int8_matmul of each piece, with one epilogue over all of them instead of one each (the
-    same numbers: the epilogue is elementwise). With int8_ffn_one_row, an all-resident 8B int8 decode step took
-    0.368-0.403 s against 0.443-0.452 (`tools/bench.py MODEL --cap none --cases membw,resident`, 2 rounds)."""
+    """x [1, in] @ W.T: int8_matmul of each piece, their int32 sums side by side in one buffer, with one epilogue
+    over all of them instead of one each (the same numbers: the epilogue is elementwise). With int8_ffn_one_row,
+    an all-resident 8B int8 decode step took 0.368-0.403 s against 0.443-0.452 (`tools/bench.py MODEL --cap none
+    --cases membw,resident`, 2 rounds)."""
     xq, sx = _rows_of(x)
-    acc = _int_mm_rows(xq, w.pieces, torch.empty(1, w.scale.shape[0], dtype=torch.int32))
-    return torch.mul(torch.mul(acc, w.scale), sx).to(x.dtype)
+    acc, a = torch.empty(1, w.scale.shape[0], dtype=torch.int32), 0
+    for p in w.pieces:
+        torch._int_mm(xq, p.q.t(), out=acc[:, a:a + p.q.shape[0]])
+        a += p.q.shape[0]
+    return _scaled(acc, w.scale, sx, x.dtype)
 
 
 def int8_ffn_one_row(x: torch.Tensor, w: Int8FFN) -> torch.Tensor:
     """model.feed_forward of one row on resident int8 slices, with the same numbers: every slice's w1 and w3
-    sums go into one int32 buffer and take one epilogue, every slice's h is quantized (per slice, as its
-    own matmul would) in one call, and w2's partial products take one epilogue, then add up in slice order
-    in float32. On the 8B's FFN (14 slices of 1024) a block took 6.9-7.3 ms against 8.0-8.2 (`m4_ffn.py`),
-    the bare integer matmuls ~7.0."""
-    c, hidden = w.slices[0][0].q.shape[0], w.s13.shape[0] // 2
-    xq, sx = _rows_of(x)
-    acc = _int_mm_rows(xq, [t[0] for t in w.slices] + [t[1] for t in w.slices],
-                       torch.empty(1, 2 * hidden, dtype=torch.int32))
-    a = torch.mul(torch.mul(acc, w.s13), sx).to(x.dtype)
-    hq, sh = quantize_rows((torch.nn.functional.silu(a[:, :hidden]) * a[:, hidden:]).view(-1, c))
-    acc2 = torch.empty(len(w.slices), x.shape[1], dtype=torch.int32)
-    for j, (_, _, w2) in enumerate(w.slices):
-        torch._int_mm(hq[j:j + 1], w2.q.t(), out=acc2[j:j + 1])
-    parts = torch.mul(torch.mul(acc2, w.s2), sh).to(x.dtype)
+    products in one int8_rows_one_row, every slice's h quantized (per slice, as its own matmul would) in one
+    call, and w2's partial products with one epilogue, added up in slice order in float32. On the 8B's FFN (14
+    slices of 1024) a block took 6.9-7.3 ms against 8.0-8.2 (`m4_ffn.py`), the bare integer matmuls ~7.0."""
+    a = int8_rows_one_row(x, w.up)
+    hidden = a.shape[1] // 2
+    hq, sh = quantize_rows((torch.nn.functional.silu(a[:, :hidden]) * a[:, hidden:]).view(len(w.down), -1))
+    acc = torch.empty(len(w.down), x.shape[1], dtype=torch.int32)
+    for j, w2 in enumerate(w.down):
+        torch._int_mm(hq[j:j + 1], w2.q.t(), out=acc[j:j + 1])
     y = torch.zeros(1, x.shape[1], dtype=torch.float32)
-    for part in parts:
+    for part in _scaled(acc, w.s2, sh, x.dtype):
         y += part
     return y.to(x.dtype)
 

@@ -148,7 +148,9 @@ def test_resident_int8_pieces_joined_give_the_same_output(tmp_path, monkeypatch,
     files = ModelFiles(tmp_path / "int8")
     runner = Runner(files, dt, resident=files.step_files())
     block, head = runner.views["block_000.safetensors"], runner.views["head.safetensors"]
-    assert {k: len(v[0]) for k, v in block.joined.items()} == {"wqkv": 4, "wo": 2, "ffn": 7}
+    assert set(block.joined) == {"wqkv", "wo", "ffn"}
+    assert (len(block.joined["wqkv"].pieces), len(block.joined["wo"].pieces)) == (4, 2)
+    assert (len(block.joined["ffn"].up.pieces), len(block.joined["ffn"].down)) == (14, 7)
     assert len(head.joined["output"].pieces) == 8
     resident, _ = stream(tmp_path / "int8", [1, 2, 3], 8, dtype=dt)
     streamed, _ = stream(tmp_path / "int8", [1, 2, 3], 8, dtype=dt, runner_kw={"resident": []})
