@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ class KVCache:
         self.args, self.slots, self.max_seq, self.dtype = args, slots, max_seq, dtype
         self.shape = (2, slots, max_seq, args.n_kv_heads, args.head_dim)
         self.tokens: list[list[int]] = [[] for _ in range(slots)]
+        self._scratch: torch.Tensor | None = None  # layer()'s copy of a block's cache, kept for the next block
 
     @property
     def layer_bytes(self) -> int:
@@ -44,16 +46,18 @@ class KVCache:
 
     @contextlib.contextmanager
     def layer(self, i: int, seqs: list[tuple[int, int, int]]):
-        """Block i's cache for the pass's sequences (slot, start, end): a tensor [2, len(seqs), max end,
-        KV, hd] holding positions [0, start) of each; the block writes [start, end), saved on exit. Positions
-        past a sequence's end hold finite values, zeros or keys it no longer holds (decode attention masks
-        them, and a masked NaN would still spread). Where the cache is in RAM and the slots are a run, it is
-        the cache itself (_view), written in place: no copies."""
+        """Block i's cache for the pass's sequences (slot, start, end): a tensor [2, rows, max end, KV, hd]
+        in which sequence k's row is rows(slots)[k], holding positions [0, start) of each; the block writes
+        [start, end), saved on exit. Positions past a sequence's end hold finite values, zeros or keys it no
+        longer holds (decode attention masks them, and a masked NaN would still spread). Where the slots'
+        cache is in RAM it is the cache itself (_view: the slots from the lowest to the highest), written in
+        place: no copies. Else a copy, one row per sequence, in a buffer kept for the next block (a new one
+        every block faulted in 160 MiB at 128 sequences of 320 tokens, 8B shapes)."""
         shape = (2, len(seqs), max(e for _, _, e in seqs), self.args.n_kv_heads, self.args.head_dim)
         if (view := self._view(i, [slot for slot, _, _ in seqs], shape[2])) is not None:
             yield view
             return
-        kv = torch.empty(shape, dtype=self.dtype)
+        kv = self._buffer(shape)
         for row, (slot, start, end) in enumerate(seqs):
             if start:
                 self._read(i, slot, 0, start, kv[:, row, :start])
@@ -63,11 +67,23 @@ class KVCache:
             self._write(i, slot, start, kv[:, row, start:end])
         self._done(i)
 
+    def rows(self, slots: list[int]) -> list[int]:
+        """Each slot's row in the tensor layer() yields for a pass over these slots."""
+        return list(range(len(slots)))
+
+    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape)
+        if self._scratch is None or self._scratch.numel() < n:
+            self._scratch = None  # the old one goes before the new one comes
+            self._scratch = torch.empty(n, dtype=self.dtype)
+        return self._scratch[:n].view(shape)
+
     def _done(self, i: int) -> None:
         pass
 
     def _view(self, i: int, slots: list[int], end: int) -> torch.Tensor | None:
-        """Block i's cache of these slots' first `end` positions, if it can be had without copying."""
+        """Block i's cache of the slots from min(slots) to max(slots), first `end` positions, if it can be had
+        without copying (rows() then says where each slot is)."""
         return None
 
     def keep_rows(self, slot: int, start: int, rows: list[int]) -> None:
@@ -122,8 +138,11 @@ class MemoryKVCache(KVCache):
     def _write(self, i, slot, start, new):
         self.layers[i][:, slot, start:start + new.shape[1]] = new
 
+    def rows(self, slots):
+        return [s - min(slots) for s in slots]
+
     def _view(self, i, slots, end):
-        return self.layers[i][:, slots[0]:slots[-1] + 1, :end] if slots == list(range(slots[0], slots[-1] + 1)) else None
+        return self.layers[i][:, min(slots):max(slots) + 1, :end]
 
 
 class SplitKVCache(KVCache):
@@ -148,8 +167,11 @@ class SplitKVCache(KVCache):
     def _done(self, i):
         self.disk._done(i)
 
+    def rows(self, slots):
+        return self.ram.rows(slots) if max(slots) < self.ram.slots else super().rows(slots)
+
     def _view(self, i, slots, end):
-        return self.ram._view(i, slots, end) if slots[-1] < self.ram.slots else None
+        return self.ram._view(i, slots, end) if max(slots) < self.ram.slots else None
 
     def reserve(self, slot, length):
         super().reserve(slot, length)

@@ -19,7 +19,7 @@ from .quant import Int8FFN, Int8Rows, int8_ffn_one_row, int8_rows_one_row, qline
 
 
 class Seq(NamedTuple):
-    slot: int  # its row in the KV cache slice of this pass
+    slot: int  # its row in this pass's KV cache tensor (KVCache.rows)
     start: int  # position of its first row in this step (= tokens already cached)
     rows: slice  # its rows in the packed [N, dim] activations
     mask: torch.Tensor | None = None  # bool [rows, start + rows]: the keys each row sees (a draft tree); None: causal
@@ -103,15 +103,27 @@ def attend_decode(q: torch.Tensor, kv: torch.Tensor, slots: list[int], ends: tor
     """Decode attention of D sequences, one new token each: q [D, H, hd]; sequence d reads positions
     [0, ends[d]) of row slots[d] of kv [2, n, S, KV, hd] (positions past its end hold finite values, masked).
     Compiled (kernels.decode_attention) within kernels.one_row(True); else one bmm per kv head over all
-    sequences, on strided views of the cache. At 256 sequences, 8B shapes, 2 threads, a layer took
+    sequences, on strided views of the cache. Rows in a run with gaps (fewer than D rows not in this pass)
+    attend over the whole run, on views: a gather of these rows copied 160 MiB a block at 128 sequences of
+    320 positions (8B shapes), faulted in anew every block. At 256 sequences, 8B shapes, 2 threads, a layer took
     (`tools/bench.py MODEL --cases attention`): at 8 positions 3.5 ms per kv head, 2.5 compiled; at 320, 149 and
     54. The loop over sequences this replaced took 24.6 and 166 ms in a scratch run of the same shapes."""
     D, H, hd = q.shape
-    S, KV = int(ends.max()), kv.shape[3]
-    if slots == list(range(slots[0], slots[0] + D)):
-        k, v = kv[0, slots[0]:slots[0] + D, :S], kv[1, slots[0]:slots[0] + D, :S]  # [D, S, KV, hd], views
-    else:
-        k, v = kv[0, slots, :S], kv[1, slots, :S]
+    S, lo, hi = int(ends.max()), min(slots), max(slots)
+    if slots == list(range(lo, lo + D)):
+        return _attend_decode(q, kv[0, lo:lo + D, :S], kv[1, lo:lo + D, :S], ends)  # [D, S, KV, hd], views
+    if hi - lo < 2 * D:  # a run with gaps (slots not in this pass): attend over the whole run on views, not
+        rows = torch.tensor(slots) - lo  # on copies of these rows, and keep these rows' outputs
+        qs, es = q.new_zeros(hi - lo + 1, H, hd), torch.ones(hi - lo + 1, dtype=ends.dtype)
+        qs[rows], es[rows] = q, ends
+        return _attend_decode(qs, kv[0, lo:hi + 1, :S], kv[1, lo:hi + 1, :S], es)[rows]
+    return _attend_decode(q, kv[0, slots, :S], kv[1, slots, :S], ends)
+
+
+def _attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """attend_decode on q [D, H, hd] and each sequence's own keys and values k, v [D, S, KV, hd]."""
+    D, H, hd = q.shape
+    S, KV = k.shape[1], k.shape[2]
     if (part := decode_attention(q, k, v, ends)) is not None:
         return part
     if D == 1:  # one sequence: one bmm over its kv heads (0.6 against 1.0 ms a layer at 320 positions, 8B shapes)

@@ -107,10 +107,11 @@ class Runner:
 
     def _pass(self, chunks, cache: KVCache, phase: str, want: list[int], every: bool = False) -> torch.Tensor:
         seqs, spans, ids, positions, row = [], [], [], [], 0
+        kv_rows = cache.rows([slot for slot, *_ in chunks])  # each sequence's row in the blocks' cache tensors
         for k, (slot, new, *tree) in enumerate(chunks):
             start = len(cache.tokens[slot])
             where, mask = tree or (range(start, start + len(new)), None)
-            seqs.append(Seq(k, start, slice(row, row + len(new)), mask))  # row k of this pass's cache slice
+            seqs.append(Seq(kv_rows[k], start, slice(row, row + len(new)), mask))
             spans.append((slot, start, start + len(new)))
             ids += new
             positions += where

@@ -57,7 +57,7 @@ def test_compiled_bf16_tells_the_same_story(tmp_path):
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
-@pytest.mark.parametrize("slots", [[0], [1, 2, 3], [3, 0, 2]])  # one sequence; a run of the slice's rows; any rows
+@pytest.mark.parametrize("slots", [[0], [1, 2, 3], [3, 0, 2], [5, 0]])  # one; a run; a run with a gap; rows far apart
 def test_decode_attention_is_each_sequences_own(compiled, slots):
     """All decode rows of a pass at once (model.attend_decode), eager or compiled, give what attending one sequence
     at a time gives, whatever their lengths and whatever the (finite) values past a sequence's end."""
@@ -65,7 +65,7 @@ def test_decode_attention_is_each_sequences_own(compiled, slots):
     from streamer.model import attend, attend_decode
     torch.manual_seed(0)
     H, KV, hd, S = 8, 2, 16, 9
-    kv = torch.randn(2, 4, S, KV, hd)
+    kv = torch.randn(2, 6, S, KV, hd)
     ends = torch.tensor([9, 4, 1, 6][:len(slots)])
     for d, e in zip(slots, ends):
         kv[:, d, e:] = 1e4

@@ -124,18 +124,38 @@ def test_temporary_cache_is_removed_and_sized_to_the_run(tmp_path):
     assert not cache.dir.exists()
 
 
-def test_cache_in_ram_is_used_in_place_for_a_run_of_slots():
-    """A pass over a run of slots gets the RAM cache itself (no copy in, none out); other passes get a copy, with
-    zeros past each sequence's end, saved back on exit."""
+def test_cache_in_ram_is_used_in_place_and_a_copy_reuses_its_buffer():
+    """A pass over slots in RAM gets the cache itself, from its lowest slot to its highest, whatever the order
+    or gaps (rows() says where each slot is; no copy in, none out). Slots on disk get a copy, with zeros past
+    each sequence's end, saved back on exit, in one buffer that the next block's copy reuses."""
     from streamer.args import ModelArgs
-    cache = MemoryKVCache(ModelArgs.from_params(GQA), 4, 8, torch.float32)
+    args = ModelArgs.from_params(GQA)
+    cache = MemoryKVCache(args, 4, 8, torch.float32)
     with cache.layer(0, [(1, 0, 3), (2, 1, 2)]) as kv:
         assert kv.shape[:3] == (2, 2, 3) and kv.data_ptr() == cache.layers[0][:, 1].data_ptr()
         kv[:, 0, :3] = 1
     assert cache.layers[0][:, 1, :3].eq(1).all()
     cache.layers[0][:, 0, :2] = 7
+    assert cache.rows([3, 0]) == [3, 0] and cache.rows([1, 3]) == [0, 2]
     with cache.layer(0, [(3, 0, 1), (0, 2, 4)]) as kv:
-        assert kv.data_ptr() != cache.layers[0][:, 3].data_ptr()
+        assert kv.shape[:3] == (2, 4, 4) and kv.data_ptr() == cache.layers[0].data_ptr()
+        kv[:, 0, 2:4] = 5
+    assert cache.layers[0][:, 0, :2].eq(7).all() and cache.layers[0][:, 0, 2:4].eq(5).all()
+
+    disk = DiskKVCache(args, 4, 8, torch.float32, "0" * 64)
+    assert disk.rows([3, 0]) == [0, 1]
+    for slot in (0, 3):
+        disk.reserve(slot, 8)
+    with disk.layer(0, [(0, 0, 2)]) as kv:
+        kv[:, 0, :2] = 7
+    with disk.layer(1, [(3, 0, 1), (0, 2, 4)]) as kv:
+        ptr = kv.data_ptr()
+        assert kv[:, 0, 1:].eq(0).all()
+        kv.fill_(9)  # what the next block's copy must not see
+    with disk.layer(0, [(3, 0, 1), (0, 2, 4)]) as kv:
+        assert kv.data_ptr() == ptr and kv.shape[:3] == (2, 2, 4)
         assert kv[:, 1, :2].eq(7).all() and kv[:, 0, 1:].eq(0).all()
         kv[:, 1, 2:4] = 5
-    assert cache.layers[0][:, 0, 2:4].eq(5).all()
+    with disk.layer(0, [(0, 4, 5)]) as kv:
+        assert kv[:, 0, :2].eq(7).all() and kv[:, 0, 2:4].eq(5).all()
+    disk.close()
