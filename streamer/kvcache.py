@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -195,6 +196,8 @@ class DiskKVCache(KVCache):
         self._fds: dict[int, int] = {}
         self.keep = directory is not None
         self.dir = Path(directory) if self.keep else Path(tempfile.mkdtemp(prefix="streamer-kv-"))
+        # a temporary folder goes with the cache even if close() is never called (garbage collection, exit)
+        self._removal = None if self.keep else weakref.finalize(self, _remove, self._fds, self.dir)
         if self.dir.exists() and not self.dir.is_dir():
             raise StreamerError(f"{self.dir}: exists and is not a folder (the KV cache needs a folder)")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -298,8 +301,18 @@ class DiskKVCache(KVCache):
             raise StreamerError(f"{self.dir}: cannot save the KV cache ({e.strerror})") from None
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        if not self.keep:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self._removal is not None:
+            self._removal()  # closes the files and removes the temporary folder, once
+        else:
+            _close(self._fds)
+
+
+def _close(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
+def _remove(fds: dict[int, int], folder: Path) -> None:
+    _close(fds)
+    shutil.rmtree(folder, ignore_errors=True)

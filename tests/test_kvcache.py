@@ -44,7 +44,9 @@ def test_kv_placement_does_not_change_the_output(tmp_path):
         assert engine.plan.kv_ram > 0 and isinstance(engine.kv_cache(1), MemoryKVCache)
     with Engine(folder, dtype="float32", kv_cache="disk") as engine:
         disk = engine.generate(prompt_ids=PROMPT, max_new_tokens=24)
-        assert isinstance(engine.kv_cache(1), DiskKVCache)
+        cache = engine.kv_cache(1)
+        assert isinstance(cache, DiskKVCache)
+        cache.close()
     assert ram.tokens == disk.tokens and ram.logprobs == disk.logprobs
     files = ModelFiles(folder)
     tight = plan(files, BASELINE + (40 << 20), context=4096)  # the weights take what is left: KV on disk
@@ -65,7 +67,9 @@ def test_kv_cache_split_between_ram_and_disk(tmp_path):
     lines = [{"id": i, "prompt_ids": PROMPT[i:] + PROMPT[:i], "max_new_tokens": 8} for i in range(6)]
     with Engine(folder, two.budget, dtype="float32", max_seq_len=64) as engine:
         results = {r["id"]: r for r in engine.batch(lines, batch_size=4)}
-        assert engine.plan.kv_slots == 2 and isinstance(engine.kv_cache(4), SplitKVCache)
+        cache = engine.kv_cache(4)
+        assert engine.plan.kv_slots == 2 and isinstance(cache, SplitKVCache)
+        cache.close()
     for line in lines:
         single, _ = stream(folder, line["prompt_ids"], 8)
         assert results[line["id"]]["tokens"] == [p.token for p in single]
@@ -122,6 +126,15 @@ def test_temporary_cache_is_removed_and_sized_to_the_run(tmp_path):
         cache.reserve(0, 4097)
     cache.close()
     assert not cache.dir.exists()
+    dropped = DiskKVCache(files.args, 1, 64, torch.float32, files.manifest_sha256)  # never closed: a caller forgot
+    dropped.reserve(0, 8)
+    where = dropped.dir
+    del dropped
+    assert not where.exists()
+    kept = DiskKVCache(files.args, 1, 64, torch.float32, files.manifest_sha256, tmp_path / "kv")
+    kept.reserve(0, 8)
+    del kept
+    assert (tmp_path / "kv" / "block_000.kv").exists()  # a folder the caller named is never removed
 
 
 def test_cache_in_ram_is_used_in_place_and_a_copy_reuses_its_buffer():
