@@ -55,8 +55,9 @@ class KVCache:
         place: no copies. Else a copy, one row per sequence, in a buffer kept for the next block (a new one
         every block faulted in 160 MiB at 128 sequences of 320 tokens, 8B shapes)."""
         shape = (2, len(seqs), max(e for _, _, e in seqs), self.args.n_kv_heads, self.args.head_dim)
-        if (view := self._view(i, [slot for slot, _, _ in seqs], shape[2])) is not None:
-            yield view
+        slots = [slot for slot, _, _ in seqs]
+        if self._in_ram(slots):
+            yield self._view(i, min(slots), max(slots) + 1, shape[2])
             return
         kv = self._buffer(shape)
         for row, (slot, start, end) in enumerate(seqs):
@@ -69,8 +70,14 @@ class KVCache:
         self._done(i)
 
     def rows(self, slots: list[int]) -> list[int]:
-        """Each slot's row in the tensor layer() yields for a pass over these slots."""
-        return list(range(len(slots)))
+        """Each slot's row in the tensor layer() yields for a pass over these slots: its offset from the lowest
+        slot where that tensor is the cache itself (_in_ram), else its place in the pass."""
+        lo = min(slots)
+        return [s - lo for s in slots] if self._in_ram(slots) else list(range(len(slots)))
+
+    def _in_ram(self, slots: list[int]) -> bool:
+        """Whether all these slots' cache is in RAM, so that _view gives it without copying."""
+        return False
 
     def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         n = math.prod(shape)
@@ -82,10 +89,9 @@ class KVCache:
     def _done(self, i: int) -> None:
         pass
 
-    def _view(self, i: int, slots: list[int], end: int) -> torch.Tensor | None:
-        """Block i's cache of the slots from min(slots) to max(slots), first `end` positions, if it can be had
-        without copying (rows() then says where each slot is)."""
-        return None
+    def _view(self, i: int, lo: int, hi: int, end: int) -> torch.Tensor:
+        """Block i's cache of slots lo..hi-1, first `end` positions, itself (only where _in_ram)."""
+        raise NotImplementedError
 
     def keep_rows(self, slot: int, start: int, rows: list[int]) -> None:
         """Keep, after the slot's first `start` positions, only the given rows of those that follow (ascending
@@ -139,11 +145,11 @@ class MemoryKVCache(KVCache):
     def _write(self, i, slot, start, new):
         self.layers[i][:, slot, start:start + new.shape[1]] = new
 
-    def rows(self, slots):
-        return [s - min(slots) for s in slots]
+    def _in_ram(self, slots):
+        return True
 
-    def _view(self, i, slots, end):
-        return self.layers[i][:, min(slots):max(slots) + 1, :end]
+    def _view(self, i, lo, hi, end):
+        return self.layers[i][:, lo:hi, :end]
 
 
 class SplitKVCache(KVCache):
@@ -168,11 +174,11 @@ class SplitKVCache(KVCache):
     def _done(self, i):
         self.disk._done(i)
 
-    def rows(self, slots):
-        return self.ram.rows(slots) if max(slots) < self.ram.slots else super().rows(slots)
+    def _in_ram(self, slots):
+        return max(slots) < self.ram.slots
 
-    def _view(self, i, slots, end):
-        return self.ram._view(i, slots, end) if max(slots) < self.ram.slots else None
+    def _view(self, i, lo, hi, end):
+        return self.ram._view(i, lo, hi, end)
 
     def reserve(self, slot, length):
         super().reserve(slot, length)

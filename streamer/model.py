@@ -19,7 +19,7 @@ from .quant import Int8FFN, Int8Rows, int8_ffn_one_row, int8_rows_one_row, qline
 
 
 class Seq(NamedTuple):
-    slot: int  # its row in this pass's KV cache tensor (KVCache.rows)
+    kv_row: int  # its row in this pass's KV cache tensor (KVCache.rows)
     start: int  # position of its first row in this step (= tokens already cached)
     rows: slice  # its rows in the packed [N, dim] activations
     mask: torch.Tensor | None = None  # bool [rows, start + rows]: the keys each row sees (a draft tree); None: causal
@@ -88,14 +88,14 @@ def attention(x, w, rot, kv, seqs: list[Seq], args: ModelArgs) -> torch.Tensor:
     one = [s.rows.stop - s.rows.start == 1 and s.mask is None for s in seqs]  # a decode row: all of them at once
     if decode := [s for s, d in zip(seqs, one) if d]:
         rows = torch.tensor([s.rows.start for s in decode])
-        slots, starts = torch.tensor([s.slot for s in decode]), torch.tensor([s.start for s in decode])
+        slots, starts = torch.tensor([s.kv_row for s in decode]), torch.tensor([s.start for s in decode])
         kv[0, slots, starts], kv[1, slots, starts] = k[rows], v[rows]
-        out[rows] = attend_decode(q[rows], kv, [s.slot for s in decode], starts + 1)
+        out[rows] = attend_decode(q[rows], kv, [s.kv_row for s in decode], starts + 1)
     for s in (s for s, d in zip(seqs, one) if not d):  # prompt chunks and draft trees: one sequence at a time
         end = s.start + (s.rows.stop - s.rows.start)
-        kv[0, s.slot, s.start:end] = k[s.rows]
-        kv[1, s.slot, s.start:end] = v[s.rows]
-        out[s.rows] = attend(q[s.rows], kv[0, s.slot, :end], kv[1, s.slot, :end], s.start, s.mask)
+        kv[0, s.kv_row, s.start:end] = k[s.rows]
+        kv[1, s.kv_row, s.start:end] = v[s.rows]
+        out[s.rows] = attend(q[s.rows], kv[0, s.kv_row, :end], kv[1, s.kv_row, :end], s.start, s.mask)
     return linear_rows(out, w["wo"])
 
 

@@ -136,9 +136,7 @@ def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     sw = weight_scale(w, x.dtype)
     if x.shape[0] == 1:
         return _scaled(torch._int_mm(xq, w.q.t()), sw, sx, x.dtype)
-    out = torch.empty(w.q.shape[0], x.shape[0], dtype=x.dtype)
-    torch.mul(torch.mul(torch._int_mm(w.q, xq.t()), sw[:, None]), sx.t(), out=out)
-    return out.t().contiguous()
+    return _scaled(torch._int_mm(w.q, xq.t()), sw[:, None], sx.t(), x.dtype).t().contiguous()
 
 
 class Int8Rows(NamedTuple):
@@ -169,8 +167,9 @@ def weight_scale(w: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _scaled(acc: torch.Tensor, sw: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Exact int32 sums scaled back: (sum * weight scale) * row scale in float32, rounded to dtype once."""
-    return torch.mul(torch.mul(acc, sw), sx).to(dtype)
+    """Exact int32 sums scaled back: (sum * weight scale) * row scale in float32, rounded to dtype once, as the
+    second product is written (no float32 result made, then converted)."""
+    return torch.mul(torch.mul(acc, sw), sx, out=torch.empty(acc.shape, dtype=dtype))
 
 
 def joined_rows(pieces: list[Int8Weight], dtype: torch.dtype) -> Int8Rows:
