@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import kernels
+
 SCHEMES = ("int8", "int4")
 GROUP = 64
 
@@ -65,6 +67,7 @@ def quantize_int4(w: torch.Tensor, group: int) -> Int4Weight:
 
 INT8_GEMM_ROWS = 6  # int8 at 2 .. this - 1 rows takes torch's int8-by-float kernel; at 1 and from here, int8_matmul
 INT4_DEQUANT_ROWS = 256  # from this many rows, int4 codes are converted to x's dtype a tile at a time for F.linear
+INT4_COMPILED_ROWS = 64  # the same from this many where the tiles take the compiled kernel (kernels.int4_compiled)
 
 
 def int4_codes_t(packed: torch.Tensor, out: int, inp: int, into: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,34 +221,66 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
       rows the integer matmul takes as long as at 16: ~45 ms on 8 x 14336 x 4096 codes against the kernel's
       23-30). The integer matmul took 0.23-0.37x bf16's time at 1 row, 0.61-0.88x at 16-32 rows, and from 64
       rows 0.58-0.71x in two of five runs, 0.86-1.01x in the other three (each process kept its own level).
-    - int4: torch's kernel below INT4_DEQUANT_ROWS, else the codes converted a tile at a time into x's dtype
-      for F.linear's GEMM (_tiled). On 4096 x 4096 codes torch's int4 kernel took 12.8-13.4 / 25.1-25.2 /
-      50.3-52.2 ms at 64 / 128 / 256 rows, the tiled GEMM 13.4-13.5 / 18.0-18.5 / 28.1-28.2 (bf16 6.0 / 10.6 /
-      20.6). Yet an all-resident 8B step at 128 rows took 8.7-13.7 s tiled (five runs) against the kernel's
-      11.8-12.1 (three), so int4 switches at 256."""
+    - int4: torch's kernel below INT4_DEQUANT_ROWS, or below INT4_COMPILED_ROWS in a compiled run (bf16 or
+      fp16), else the codes converted a tile at a time into x's dtype for the GEMM (_tiled), by a compiled loop
+      in a compiled run (kernels.int4_tile). In two runs (another machine than the int8 figures, faster),
+      torch's int4 kernel took 3.25-3.33 / 6.4-6.6 / 12.8-12.9 / 25.7-25.9 / 51.3-52.0 ms at 32 / 64 / 128 /
+      256 / 512 rows; compiled tiles 3.35-3.40 / 4.9-5.1 / 7.4-7.9 / 12.1-12.2 / 22.7-22.9; eager tiles at 256
+      and 512 14.7-15.1 / 23.9-24.6; bf16 2.1 / 3.1-3.2 / 5.3-5.4 / 9.7-9.9 / 19.0-19.1. An earlier machine
+      ran an all-resident 8B step at 128 rows in 8.7-13.7 s on eager tiles (five runs) against the kernel's
+      11.8-12.1 (three), so eager tiles start at 256."""
     if isinstance(w, Int8Weight):
         # torch 2.13's int8 kernel crashes (SIGSEGV) on 2 or more rows when the input width is not a multiple of
         # 16 (stories260K's FFN, 172): those take the integer matmul too
         if x.shape[0] == 1 or x.shape[0] >= INT8_GEMM_ROWS or w.q.shape[1] % 16:
             return int8_matmul(x, w)
         return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
-    if x.shape[0] >= INT4_DEQUANT_ROWS and int4_layout_known():
-        return _tiled(x, w.sz.shape[1], 64,
-                      lambda j, k, buf: dequantize_int4_t(Int4Weight(w.packed[j:k], w.sz[:, j:k]), x.dtype, buf))
+    compiled = kernels.int4_compiled(x.dtype)
+    if x.shape[0] >= (INT4_COMPILED_ROWS if compiled else INT4_DEQUANT_ROWS) and int4_layout_known():
+        return _tiled(x, w.sz.shape[1], 64, _int4_rows_t(w, x.dtype, compiled))
     return torch._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.sz.to(x.dtype))
+
+
+def _int4_rows_t(w: Int4Weight, dtype: torch.dtype, compiled: bool):
+    """convert(j, k, buf) for _tiled: rows j..k-1 of W, transposed, in dtype. With `compiled`, whole blocks of 64
+    rows go through the compiled kernel (kernels.int4_tile: dequantize_int4_t's numbers), given W's scales and
+    zero - 8 * scale in dtype, converted once for all its tiles (per tile, those small ops took 0.7 ms of a
+    4096 x 4096 matrix's ~8.5 at 128 rows); else dequantize_int4_t into buf."""
+    if compiled:
+        scale = w.sz[..., 0].to(dtype).contiguous()  # a resident file's are in dtype already: to() keeps their strides
+        zero = torch.add(w.sz[..., 1], w.sz[..., 0], alpha=-8, out=torch.empty(w.sz.shape[:2], dtype=dtype))
+
+    def convert(j: int, k: int, buf: torch.Tensor) -> torch.Tensor:
+        if compiled and (k - j) % 64 == 0:
+            return kernels.int4_tile(w.packed[j:k], scale[:, j:k], zero[:, j:k])
+        return dequantize_int4_t(Int4Weight(w.packed[j:k], w.sz[:, j:k]), dtype, buf)
+    return convert
 
 
 DEQUANT_TILE = 1 << 21  # codes converted at a time: a 4 MiB bf16 tile, reused, that the GEMM reads from cache
 
 
+def tile_rows(out: int, inp: int, align: int) -> int:
+    """The rows of W [out, in] that _tiled converts at a time."""
+    return min(out, max(align, DEQUANT_TILE // inp // align * align))
+
+
+def int4_tile_shapes(out: int, inp: int, group: int) -> set[tuple[int, int, int, int]]:
+    """The (rows, in, group, out) of the tiles of whole 64-row blocks that qlinear converts an int4 W [out, in]
+    in (out too: the compiled kernel is specialised to its inputs' strides, which W's row count sets)."""
+    rows = tile_rows(out, inp, 64)
+    return {(r, inp, group, out) for r in (rows, out % rows) if r and r % 64 == 0}
+
+
 def _tiled(x: torch.Tensor, out: int, align: int, convert) -> torch.Tensor:
-    """x @ W.T for W [out, in] given a tile of rows at a time: convert(j, k, buf) writes rows j..k-1 of W,
-    transposed and in x's dtype, into buf [in, k - j] and returns it. Converting a whole 16 MiB piece into a
-    fresh tensor, then multiplying, took 21.3 ms at 128 rows on 4096 x 4096 int8 codes, against 10.9 ms for the
-    GEMM alone: the new tensor's pages fault in, and the GEMM reads it back from RAM. In tiles of 512 rows it
-    took 11.8 ms (2 threads; tiles of 128-1024 rows 11.6-12.9 ms, the GEMM alone 10.8-11.1 in the same runs)."""
+    """x @ W.T for W [out, in] given a tile of rows at a time: convert(j, k, buf) gives rows j..k-1 of W,
+    transposed and in x's dtype, [in, k - j], written into buf or a tensor of its own. Converting a whole 16 MiB
+    piece into a fresh tensor, then multiplying, took 21.3 ms at 128 rows on 4096 x 4096 int8 codes, against 10.9
+    ms for the GEMM alone: the new tensor's pages fault in, and the GEMM reads it back from RAM. In tiles of 512
+    rows it took 11.8 ms (2 threads; tiles of 128-1024 rows 11.6-12.9 ms, the GEMM alone 10.8-11.1 in the same
+    runs)."""
     inp = x.shape[1]
-    rows = min(out, max(align, DEQUANT_TILE // inp // align * align))
+    rows = tile_rows(out, inp, align)
     buf = torch.empty(inp * rows, dtype=x.dtype)
     y = torch.empty(x.shape[0], out, dtype=x.dtype)
     for j in range(0, out, rows):

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from . import kernels, model
+from . import kernels, model, quant
 from .kvcache import KVCache
 from .layout import ModelFiles
 from .memory import MemoryMonitor, trim_page_cache
@@ -55,7 +55,8 @@ class Runner:
         # each file's view, built once: resident files hold their tensors, streamed ones take from the ring
         # the decode kernels compile while the files load, not in the first decode step (6-8 s there before)
         heads = (self.args.n_heads, self.args.n_kv_heads, self.args.head_dim)
-        self._warm = _background(kernels.warm_up, self.args.dim, dtype, heads) if compile else None
+        tiles = _int4_tiles(files.headers[n] for n in self.names)
+        self._warm = _background(kernels.warm_up, self.args.dim, dtype, heads, tiles) if compile else None
         loaded = {}
         with ThreadPoolExecutor(1, thread_name_prefix="streamer-load") as reader:  # reads ahead while each file
             for n, (buf, was_mapped) in zip(self.resident, reader.map(              # read is touched here
@@ -97,7 +98,7 @@ class Runner:
             warm.result()
         for part in _passes(chunks, self.max_pass_tokens):
             want = [i for i, (_, _, last) in enumerate(part) if last]
-            with kernels.one_row(self.compiled and self._warm is None):
+            with kernels.use_compiled(self.compiled and self._warm is None):
                 logits = self._pass([c for _, c, _ in part], cache, phase, want)
             for i, row in zip(want, logits):
                 out[part[i][0]] = row
@@ -182,6 +183,18 @@ def _passes(chunks, limit: int):
             used += len(take)
     if part:
         yield part
+
+
+def _int4_tiles(headers) -> set[tuple[int, int, int, int]]:
+    """The (rows, in, group, out) of the tiles the files' int4 matrices are converted in at many rows (quant.qlinear):
+    each NAME.sz [in / group, out, 2] beside its codes NAME [out, in / 2]."""
+    tiles = set()
+    for index, _ in headers:
+        for name, (_, shape, *_) in index.items():
+            if name.endswith(".sz"):
+                inp = 2 * index[name.removesuffix(".sz")][1][1]
+                tiles |= quant.int4_tile_shapes(shape[1], inp, inp // shape[0])
+    return tiles
 
 
 def _load(path, mapped: bool) -> tuple[torch.Tensor, bool]:

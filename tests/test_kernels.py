@@ -1,4 +1,5 @@
-"""The compiled one-row kernel of decode (kernels.py) computes what F.linear does."""
+"""The compiled kernels (kernels.py) compute what their eager forms do: the one-row matmul of decode, the FFN
+slice, decode attention, and int4 codes converted a tile at a time."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,7 @@ def test_decode_attention_is_each_sequences_own(compiled, slots):
         kv[:, d, e:] = 1e4
     q = torch.randn(len(slots), H, hd)
     want = torch.cat([attend(q[d:d + 1], kv[0, s, :e], kv[1, s, :e], int(e) - 1) for d, (s, e) in enumerate(zip(slots, ends))])
-    with kernels.one_row(compiled):
+    with kernels.use_compiled(compiled):
         got = attend_decode(q, kv, slots, ends)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -90,3 +91,57 @@ def test_batch_with_compiled_kernels_gives_single_runs(tmp_path):
         single, _ = stream(folder, line["prompt_ids"], line["max_new_tokens"])
         assert got[line["id"]]["tokens"] == [p.token for p in single]
         assert_logprobs_close(got[line["id"]]["logprobs"], [p.logprob for p in single])
+
+
+@needs_compiler
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_compiled_int4_tiles_are_the_eager_tiles(dt, monkeypatch):
+    """Many-row int4 matmuls through the compiled tile kernel give the eager tiles' very bits. It takes tiles of
+    whole 64-row blocks from INT4_COMPILED_ROWS rows; a tail tile, and float32, stay eager."""
+    from streamer import kernels, quant
+    torch.manual_seed(0)
+    qw = quant.quantize(torch.randn(208, 128) * 0.05, "int4")  # three blocks of 64 rows, then a tail of 16
+    monkeypatch.setattr(quant, "DEQUANT_TILE", 64 * 128)  # a tile of 64 rows: three whole, then the tail alone
+    calls = []
+    monkeypatch.setattr(kernels, "int4_tile", lambda *a, f=kernels.int4_tile: calls.append(a[0].shape) or f(*a))
+    x = torch.randn(quant.INT4_COMPILED_ROWS, 128).to(dt)
+    with kernels.use_compiled(True):
+        got = quant.qlinear(x, qw)
+        assert calls == [(64, 64)] * 3
+        quant.qlinear(x[1:], qw), quant.qlinear(x.float(), qw)
+        assert len(calls) == 3  # fewer rows: torch's int4 kernel; float32: eager tiles
+    monkeypatch.setattr(quant, "INT4_DEQUANT_ROWS", quant.INT4_COMPILED_ROWS)
+    with kernels.use_compiled(False):
+        assert torch.equal(got, quant.qlinear(x, qw))
+        sz = qw.sz[:, :192]
+        assert torch.equal(kernels.int4_tile(qw.packed[:192], sz[..., 0].to(dt), (sz[..., 1] - 8 * sz[..., 0]).to(dt)),
+                           quant.dequantize_int4_t(quant.Int4Weight(qw.packed[:192], sz), dt))
+
+
+def test_int4_tiles_take_the_kernel_warmed_up_for_their_shapes(tmp_path, monkeypatch):
+    """A batch's decode passes on an int4 split (64+ rows each) take the int4 tile kernel, for just the tile shapes
+    the runner's warm-up compiled, and give what eager tiles of the same rows give. The kernels run uncompiled
+    here (the compiled ones' numbers are checked above)."""
+    from conftest import STORIES
+    from streamer import Engine, kernels, quant
+    from streamer.split import split
+    split(STORIES, tmp_path / "int4", quantize="int4")
+    monkeypatch.setattr(kernels, "_get", lambda fn, dynamic=True: fn)
+    warmed, used = set(), set()
+    warm_up = kernels.warm_up
+    monkeypatch.setattr(kernels, "warm_up", lambda *a: warmed.update(a[3]) or warm_up(*a))
+    tile = kernels.int4_tile
+    monkeypatch.setattr(kernels, "int4_tile", lambda p, s, z: used.add((p.shape[0], 2 * p.shape[1],
+                                                                        2 * p.shape[1] // s.shape[0], s.stride(0)))
+                        or tile(p, s, z))
+    lines = [{"id": i, "prompt_ids": [1, 1 + i], "max_new_tokens": 3} for i in range(70)]
+
+    def run():
+        with Engine(tmp_path / "int4", dtype="bfloat16", max_seq_len=64, compile=True) as engine:
+            return [(r["tokens"], r["logprobs"]) for r in engine.batch(lines, batch_size=70)]
+    compiled = run()
+    assert used and used == warmed
+    monkeypatch.setattr(kernels, "int4_compiled", lambda dtype: False)
+    monkeypatch.setattr(quant, "INT4_DEQUANT_ROWS", quant.INT4_COMPILED_ROWS)
+    assert run() == compiled
+

@@ -127,11 +127,16 @@ def gemv_rates(shapes: list[tuple[int, int]], total: int = 1 << 30) -> dict:
 
 def quantized_matmuls(dim: int, rows: list[int], total: int = 1 << 30) -> dict:
     """ms per [dim, dim] matrix of x[rows] @ W.T for int8 and int4 codes: streamer's qlinear (torch's kernel at
-    few rows, the codes converted a tile at a time for the GEMM at many), torch's kernel alone, and bf16
-    F.linear on bf16 weights, which the quantized files must not be slower than. `total` bytes of bf16
-    weights (half that of int8 codes, a quarter of int4), so none stays in cache, in at most 64 matrices."""
+    few rows, the codes converted a tile at a time for the GEMM at many), for int4 also with the compiled tile
+    kernel (`compiled`, as a compiled run takes it), torch's kernel alone, and bf16 F.linear on bf16 weights,
+    which the quantized files must not be slower than. `total` bytes of bf16 weights (half that of int8 codes, a
+    quarter of int4), so none stays in cache, in at most 64 matrices."""
     import torch.nn.functional as F
-    from streamer import quant
+    from streamer import kernels, quant
+
+    def compiled(x, w):
+        with kernels.use_compiled(True):
+            return quant.qlinear(x, w)
     n = max(2, min(64, total // (2 * dim * dim)))
     out = {"dim": dim}
     bf16 = [torch.randn(dim, dim).to(torch.bfloat16) for _ in range(n)]
@@ -142,6 +147,8 @@ def quantized_matmuls(dim: int, rows: list[int], total: int = 1 << 30) -> dict:
         for m in rows:
             x = torch.randn(m, dim).to(torch.bfloat16)
             ways = {"streamer": (quant.qlinear, ws), "kernel": (kernel, ws), "bf16": (F.linear, bf16)}
+            if scheme == "int4" and kernels.can_compile():
+                ways["compiled"] = (compiled, ws)
             out[f"{scheme} {m}"] = {k: _per_matrix(fn, x, mats) * 1e3 for k, (fn, mats) in ways.items()}
         del ws
     return out
@@ -162,7 +169,7 @@ def decode_attention_times(args, compiled: bool = True, batches=(1, 32, 256), po
             row = {"kv_bytes": kv.numel() * kv.element_size()}
             for name, on in (("eager", False), ("compiled", True)):
                 if not on or (compiled and kernels.can_compile()):
-                    with kernels.one_row(on):
+                    with kernels.use_compiled(on):
                         row[name] = _per_matrix(lambda q, kv: attend_decode(q, kv, slots, ends), q, [kv] * 5) * 1e3
             out[f"{d} {s}"] = row
     return out
@@ -433,9 +440,11 @@ def report(res: dict, a) -> str:
         if isinstance(ms, dict):
             scheme, m = name.split()
             dim = res["qmatmul"]["dim"]
-            rows.append(f"| {scheme} matmul, {m} rows, [{dim}, {dim}] | {ms['streamer']:.2f} ms "
+            best = min(ms["streamer"], ms.get("compiled", ms["streamer"]))
+            compiled = f", compiled {ms['compiled']:.2f}" if "compiled" in ms else ""
+            rows.append(f"| {scheme} matmul, {m} rows, [{dim}, {dim}] | {ms['streamer']:.2f} ms{compiled} "
                         f"(torch's {scheme} kernel {ms['kernel']:.2f}) | {ms['bf16']:.2f} ms (bf16 F.linear) | "
-                        f"{ms['streamer'] / ms['bf16']:.2f} |")
+                        f"{best / ms['bf16']:.2f} |")
     for name, ms in res.get("attention", {}).items():
         if isinstance(ms, dict):
             d, s = name.split()
