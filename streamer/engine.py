@@ -32,6 +32,10 @@ from .tokenizer import STOP_IDS, encode_chat, load_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_MIN_BYTES = 1 << 30  # ~0.02 s saved per GB per token against ~2-20 s of compiling once
 COMPILE_MIN_BATCH = 32  # decode attention of 32 sequences: 18-19 ms a layer eager, 6 compiled (8B, 320 positions)
+# what compiling takes beside a plan: a first compile took 485 MiB more of a memory cgroup (166 with inductor's
+# cache). A plan that leaves less compiles before loading its resident files: the 8B int4 under memcap 4G (205 MiB
+# left) had its compiler thrashing for minutes when it compiled beside them
+COMPILE_MEMORY = 512 << 20
 
 
 def pick_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -197,7 +201,8 @@ class Engine:
         if compile == "auto":  # the kernels' compile time pays back over many resident bf16 bytes, or many sequences
             compile = (self.dtype == torch.bfloat16 and kernels.can_compile()
                        and (self.plan.resident_bytes >= COMPILE_MIN_BYTES or self.plan.batch >= COMPILE_MIN_BATCH))
-        self._runner = Runner(self.files, self.dtype, self.monitor, compile=compile,
+        first = self.plan.budget - self.plan.predicted_peak < COMPILE_MEMORY
+        self._runner = Runner(self.files, self.dtype, self.monitor, compile=compile, compile_first=compile and first,
                               **{**self.plan.runner_kwargs(), **self.runner_options})
         return self._runner
 

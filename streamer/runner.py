@@ -32,14 +32,17 @@ class Runner:
     """Runs packed chunks of tokens through the streamed model, keeping keys and values in `cache`.
 
     ring_bytes bounds the memory the streamed weights take; `resident` names files kept in RAM;
-    compile=True runs the one-row matmuls and the decode attention on the compiled kernels (kernels.py), once
-    they are compiled (in the background, from the start; a decode pass waits for them, a prefill does not);
+    compile=True runs the one-row matmuls, the decode attention and int4 tiles on the compiled kernels
+    (kernels.py), once they are compiled (in the background, from the start; a decode pass waits for them, a
+    prefill does not; compile_first=True waits for them before loading resident files, for a budget that leaves
+    the compiler no room beside those, Engine's COMPILE_MEMORY);
     mapped=True keeps resident files as their mapped pages instead of private copies
     (stream.map_whole)."""
 
     def __init__(self, files: ModelFiles, dtype: torch.dtype, monitor: MemoryMonitor | None = None,
                  ring_bytes: int = 0, readers: int = 4, resident: Sequence[str] = (),
-                 max_pass_tokens: int = MAX_PASS_TOKENS, compile: bool = False, mapped: bool = False):
+                 max_pass_tokens: int = MAX_PASS_TOKENS, compile: bool = False, compile_first: bool = False,
+                 mapped: bool = False):
         self.files, self.args, self.dtype = files, files.args, dtype
         self.freqs = model.rope_frequencies(self.args)
         self.monitor = monitor
@@ -57,6 +60,8 @@ class Runner:
         heads = (self.args.n_heads, self.args.n_kv_heads, self.args.head_dim)
         tiles = _int4_tiles(files.headers[n] for n in self.names)
         self._warm = _background(kernels.warm_up, self.args.dim, dtype, heads, tiles) if compile else None
+        if self._warm is not None and compile_first and self.resident:
+            self._warm.result()
         loaded = {}
         with ThreadPoolExecutor(1, thread_name_prefix="streamer-load") as reader:  # reads ahead while each file
             for n, (buf, was_mapped) in zip(self.resident, reader.map(              # read is touched here

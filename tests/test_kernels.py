@@ -145,3 +145,17 @@ def test_int4_tiles_take_the_kernel_warmed_up_for_their_shapes(tmp_path, monkeyp
     monkeypatch.setattr(quant, "INT4_DEQUANT_ROWS", quant.INT4_COMPILED_ROWS)
     assert run() == compiled
 
+@pytest.mark.parametrize("budget,first", [("600M", True), (None, False)])
+def test_a_budget_with_no_room_for_the_compiler_compiles_before_loading_resident_files(tmp_path, monkeypatch, budget,
+                                                                                        first):
+    """A plan that leaves less than COMPILE_MEMORY beside it waits for the kernels to compile before it loads its
+    resident files; a roomy one loads them while the kernels compile."""
+    import time
+    from streamer import Engine, kernels
+    from streamer.engine import COMPILE_MEMORY
+    folder = make_split(tmp_path, GQA)
+    monkeypatch.setattr(kernels, "warm_up", lambda *a: time.sleep(1))  # a slow compile, with no compiler needed
+    with Engine(folder, memory_budget=budget, dtype="bfloat16", max_seq_len=64, compile=True) as engine:
+        runner = engine.runner(1, 16)
+        assert runner.resident and runner._warm.done() == first
+        assert (engine.plan.budget - engine.plan.predicted_peak < COMPILE_MEMORY) == first
