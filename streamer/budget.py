@@ -67,6 +67,9 @@ HEADROOM = 0.85  # of the memory the kernel calls available
 MARGIN = 0.05  # of the budget, held back for what the plan does not model: allocator slack, GEMM workspaces, page
 # cache a cgroup reclaims late (batch prefills under 4G and 7G peaked 2-3% over plans that filled the whole budget)
 CODE_CACHE = 160 << 20  # page cache the runtime's code needs (torch's libraries): counted by a cgroup, measured ~100-150 MiB
+KERNELS = 192 << 20  # what a run that compiles its kernels keeps for them (inductor, their code): a first compile of
+# one kernel raised private memory by 152 MiB for good; the 8B int4 at batch 128 under memcap 4G, planned without
+# it, was OOM-killed when it compiled with an empty inductor cache
 
 
 def available_memory() -> int:
@@ -94,6 +97,7 @@ class Plan:
     mapped: bool = False  # resident files as their mapped file pages (no memory cgroup), else private copies
     draft: int = 0  # a speculative draft model kept in RAM beside it: weights, activations, KV (draft_bytes)
     kv_slots: int = 0  # sequences whose whole KV cache is in RAM (kv_ram); the others' is on disk
+    kernels: int = 0  # compiled kernels, when the run compiles them (KERNELS)
 
     def runner_kwargs(self) -> dict:
         return {"ring_bytes": self.ring_bytes, "resident": self.resident, "max_pass_tokens": self.max_pass_tokens,
@@ -107,7 +111,7 @@ class Plan:
         """The parts of the predicted peak; they add up to it."""
         return {"runtime": BASELINE, "code page cache": self.code_cache, "weight ring": self.ring_bytes,
                 "resident weights": self.resident_bytes, "activations": self.activations, "KV of one block": self.kv_block,
-                "KV cache in RAM": self.kv_ram, "draft model": self.draft}
+                "KV cache in RAM": self.kv_ram, "draft model": self.draft, "compiled kernels": self.kernels}
 
     @property
     def predicted_peak(self) -> int:
@@ -135,12 +139,13 @@ def draft_bytes(files: ModelFiles, context: int, batch: int = 1) -> int:
 
 
 def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: int = 2048,
-         keep_resident: bool = True, draft: ModelFiles | None = None, kv_first: bool = False) -> Plan:
+         keep_resident: bool = True, draft: ModelFiles | None = None, kv_first: bool = False, kernels: int = 0) -> Plan:
     """Split `budget` (default: the available memory) into activations, the ring and resident files, and keep
     the whole KV cache in RAM when it fits in what they leave, else as many sequences' as fit; refuse, naming what does not fit, when it cannot
     work. keep_resident=False streams every file. A draft model (speculative decoding) is kept whole in RAM and
     takes its share first. kv_first=True keeps as many sequences' KV cache in RAM as fit before any block is
-    made resident (a big batch, whose KV rows on disk would cost more per step than streaming those blocks)."""
+    made resident (a big batch, whose KV rows on disk would cost more per step than streaming those blocks).
+    kernels: the memory compiled kernels keep (KERNELS, for a run that compiles them)."""
     budget = available_memory() if budget is None else budget
     usable = int(budget * (1 - MARGIN))
     held = draft_bytes(draft, context, batch) if draft is not None else 0
@@ -149,7 +154,7 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
     ring_min = min_ring_bytes([p for n in names for p in file_pieces(files.folder / n, files.headers[n])])
     a = files.args
     kv_block = 2 * batch * context * a.n_kv_heads * a.head_dim * 2
-    room = usable - BASELINE - kv_block - held
+    room = usable - BASELINE - kv_block - held - kernels
     tokens = min(MAX_PASS_TOKENS, batch * context)  # a pass never holds more than every sequence's whole context
     while tokens > batch and activation_bytes(files, tokens, batch, context) > max(room - ring_min, 0) / 2:
         tokens //= 2
@@ -157,7 +162,8 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
     act = activation_bytes(files, tokens, batch, context)
     if room - act < ring_min:
         need = {"runtime": BASELINE, "weight ring": ring_min, "activations": act, "KV of one block": kv_block,
-                **({f"draft model ({draft.folder.name}, whole)": held} if held else {})}
+                **({f"draft model ({draft.folder.name}, whole)": held} if held else {}),
+                **({"compiled kernels": kernels} if kernels else {})}
         raise StreamerError(f"a memory budget of {mib(budget)} cannot work for batch {batch}, context {context}: it needs "
                             f"at least {mib(sum(need.values()) / (1 - MARGIN))} = " + " + ".join(f"{k} {mib(v)}" for k, v in need.items())
                             + f" (the smallest ring), with {MARGIN:.0%} of the budget held back")
@@ -188,7 +194,7 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
     # honestly; with none, the files' own mapped pages: loading costs one cold read instead of two to six
     mapped = cgroup_limit() is None
     return Plan(budget, batch, context, ring, resident, tokens, act, kv_block, code, streamed, sizes, kv_ram, mapped, held,
-                kv_slots)
+                kv_slots, kernels)
 
 
 def measure_disk(files: ModelFiles, nbytes: int = 1 << 30) -> float:
@@ -231,6 +237,9 @@ def main(args: argparse.Namespace) -> int:
     gbps = args.disk_gbps or measure_disk(files)
     batch = _auto_batch(files, budget, args.context, draft, gbps) if auto else int(args.batch_size)
     p = plan(files, budget, batch, args.context, draft=draft, kv_first=auto)
+    from .engine import auto_compile, pick_dtype  # a run's default: does it compile its kernels?
+    if auto_compile(p, pick_dtype("auto")):
+        p = plan(files, budget, batch, args.context, draft=draft, kv_first=auto, kernels=KERNELS)
     blocks = [n for n in p.resident if n.startswith("block_")]
     print(f"memory budget {mib(p.budget)} for batch {batch}, context {args.context}:")
     print(f"  predicted peak   {mib(p.predicted_peak)} = " + " + ".join(f"{k} {mib(v)}" for k, v in p.breakdown().items())

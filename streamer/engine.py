@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from . import batch as batching, costs, kernels, speculative
-from .budget import Plan, parse_size, plan
+from .budget import KERNELS, Plan, parse_size, plan
 from .errors import StreamerError
 from .generate import GenStats, SamplingParams, TextOut, check_prompt, generate as decode
 from .kvcache import DiskKVCache, KVCache, MemoryKVCache, SplitKVCache
@@ -32,10 +32,17 @@ from .tokenizer import STOP_IDS, encode_chat, load_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_MIN_BYTES = 1 << 30  # ~0.02 s saved per GB per token against ~2-20 s of compiling once
 COMPILE_MIN_BATCH = 32  # decode attention of 32 sequences: 18-19 ms a layer eager, 6 compiled (8B, 320 positions)
-# what compiling takes beside a plan: a first compile took 485 MiB more of a memory cgroup (166 with inductor's
-# cache). A plan that leaves less compiles before loading its resident files: the 8B int4 under memcap 4G (205 MiB
-# left) had its compiler thrashing for minutes when it compiled beside them
+# what compiling takes for a while beside a plan: a first compile of one kernel took 375-490 MiB more of a memory
+# cgroup than before it (peak), and kept 152 of them (budget.KERNELS, in the plan). A plan that leaves less compiles
+# before loading its resident files: the 8B int4 under memcap 4G had its compiler thrashing for minutes when it
+# compiled beside them
 COMPILE_MEMORY = 512 << 20
+
+
+def auto_compile(p: Plan, dtype: torch.dtype) -> bool:
+    """compile="auto": the kernels' compile time pays back over many resident bf16 bytes, or many sequences."""
+    return (dtype == torch.bfloat16 and kernels.can_compile()
+            and (p.resident_bytes >= COMPILE_MIN_BYTES or p.batch >= COMPILE_MIN_BATCH))
 
 
 def pick_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -195,12 +202,17 @@ class Engine:
             batch = max(batch, old.batch)
             context = max(context, min(self.max_seq_len, 2 * old.context)) if context > old.context else old.context
         self.release()
-        self.plan = plan(self.files, self.budget, batch, context, self.keep_resident,
-                         draft=self.draft.files if self.draft else None, kv_first=kv_first)
-        compile = self.compile
-        if compile == "auto":  # the kernels' compile time pays back over many resident bf16 bytes, or many sequences
-            compile = (self.dtype == torch.bfloat16 and kernels.can_compile()
-                       and (self.plan.resident_bytes >= COMPILE_MIN_BYTES or self.plan.batch >= COMPILE_MIN_BATCH))
+        args = (self.files, self.budget, batch, context, self.keep_resident)
+        kw = {"draft": self.draft.files if self.draft else None, "kv_first": kv_first}
+        self.plan = plan(*args, **kw)
+        compile = auto_compile(self.plan, self.dtype) if self.compile == "auto" else self.compile
+        if compile:  # the compiled kernels' memory comes out of the budget too
+            try:
+                self.plan = plan(*args, **kw, kernels=KERNELS)
+            except StreamerError:
+                if self.compile is True:
+                    raise
+                compile = False  # "auto" does without them rather than fail
         first = self.plan.budget - self.plan.predicted_peak < COMPILE_MEMORY
         self._runner = Runner(self.files, self.dtype, self.monitor, compile=compile, compile_first=compile and first,
                               **{**self.plan.runner_kwargs(), **self.runner_options})

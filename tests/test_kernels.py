@@ -145,13 +145,15 @@ def test_int4_tiles_take_the_kernel_warmed_up_for_their_shapes(tmp_path, monkeyp
     monkeypatch.setattr(quant, "INT4_DEQUANT_ROWS", quant.INT4_COMPILED_ROWS)
     assert run() == compiled
 
-@pytest.mark.parametrize("budget,first", [("600M", True), (None, False)])
+@pytest.mark.parametrize("budget,first", [("700M", True), (None, False)])
 def test_a_budget_with_no_room_for_the_compiler_compiles_before_loading_resident_files(tmp_path, monkeypatch, budget,
                                                                                         first):
-    """A plan that leaves less than COMPILE_MEMORY beside it waits for the kernels to compile before it loads its
-    resident files; a roomy one loads them while the kernels compile."""
+    """A run that compiles its kernels plans for their memory (KERNELS); a plan that leaves less than
+    COMPILE_MEMORY beside it waits for them to compile before it loads its resident files, a roomy one loads them
+    while they compile."""
     import time
     from streamer import Engine, kernels
+    from streamer.budget import KERNELS
     from streamer.engine import COMPILE_MEMORY
     folder = make_split(tmp_path, GQA)
     monkeypatch.setattr(kernels, "warm_up", lambda *a: time.sleep(1))  # a slow compile, with no compiler needed
@@ -159,3 +161,19 @@ def test_a_budget_with_no_room_for_the_compiler_compiles_before_loading_resident
         runner = engine.runner(1, 16)
         assert runner.resident and runner._warm.done() == first
         assert (engine.plan.budget - engine.plan.predicted_peak < COMPILE_MEMORY) == first
+        assert engine.plan.breakdown()["compiled kernels"] == KERNELS
+    with Engine(folder, memory_budget=budget, dtype="bfloat16", max_seq_len=64, compile=False) as engine:
+        engine.runner(1, 16)
+        assert engine.plan.kernels == 0
+
+
+def test_auto_compiles_only_where_the_budget_holds_the_kernels(tmp_path):
+    """A budget that fits a plan but not the compiled kernels' memory beside it: compile="auto" runs eager,
+    compile=True is refused, naming them."""
+    from streamer import Engine, StreamerError
+    folder = make_split(tmp_path, GQA)
+    with Engine(folder, memory_budget="260M", dtype="bfloat16", max_seq_len=64) as engine:
+        assert not engine.runner(32, 16).compiled  # batch 32: "auto" would compile, given the room
+    with Engine(folder, memory_budget="260M", dtype="bfloat16", max_seq_len=64, compile=True) as engine:
+        with pytest.raises(StreamerError, match="compiled kernels"):
+            engine.runner(32, 16)
