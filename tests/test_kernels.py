@@ -145,6 +145,7 @@ def test_int4_tiles_take_the_kernel_warmed_up_for_their_shapes(tmp_path, monkeyp
     monkeypatch.setattr(quant, "INT4_DEQUANT_ROWS", quant.INT4_COMPILED_ROWS)
     assert run() == compiled
 
+
 @pytest.mark.parametrize("budget,first", [("700M", True), (None, False)])
 def test_a_budget_with_no_room_for_the_compiler_compiles_before_loading_resident_files(tmp_path, monkeypatch, budget,
                                                                                         first):
@@ -167,13 +168,17 @@ def test_a_budget_with_no_room_for_the_compiler_compiles_before_loading_resident
         assert engine.plan.kernels == 0
 
 
-def test_auto_compiles_only_where_the_budget_holds_the_kernels(tmp_path):
+def test_auto_compiles_only_where_the_budget_holds_the_kernels(tmp_path, monkeypatch):
     """A budget that fits a plan but not the compiled kernels' memory beside it: compile="auto" runs eager,
     compile=True is refused, naming them."""
-    from streamer import Engine, StreamerError
+    from streamer import Engine, StreamerError, kernels
+    monkeypatch.setattr(kernels, "can_compile", lambda: True)
+    monkeypatch.setattr(kernels, "warm_up", lambda *a: None)
     folder = make_split(tmp_path, GQA)
+    with Engine(folder, dtype="bfloat16", max_seq_len=64) as engine:
+        assert engine.runner(32, 16).compiled  # batch 32: "auto" compiles, given the room
     with Engine(folder, memory_budget="260M", dtype="bfloat16", max_seq_len=64) as engine:
-        assert not engine.runner(32, 16).compiled  # batch 32: "auto" would compile, given the room
+        assert not engine.runner(32, 16).compiled
     with Engine(folder, memory_budget="260M", dtype="bfloat16", max_seq_len=64, compile=True) as engine:
         with pytest.raises(StreamerError, match="compiled kernels"):
             engine.runner(32, 16)
