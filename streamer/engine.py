@@ -13,6 +13,7 @@ The CLI, the tools and the tests all go through it.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -204,15 +205,11 @@ class Engine:
         self.release()
         args = (self.files, self.budget, batch, context, self.keep_resident)
         kw = {"draft": self.draft.files if self.draft else None, "kv_first": kv_first}
-        self.plan = plan(*args, **kw)
-        compile = auto_compile(self.plan, self.dtype) if self.compile == "auto" else self.compile
-        if compile:  # the compiled kernels' memory comes out of the budget too
-            try:
-                self.plan = plan(*args, **kw, kernels=KERNELS)
-            except StreamerError:
-                if self.compile is True:
-                    raise
-                compile = False  # "auto" does without them rather than fail
+        compile = self.compile not in (False, "auto")  # the compiled kernels' memory comes out of the budget too
+        self.plan = plan(*args, **kw, kernels=KERNELS if compile else 0)
+        if self.compile == "auto" and auto_compile(self.plan, self.dtype):
+            with contextlib.suppress(StreamerError):  # "auto" does without them where the budget cannot hold them
+                self.plan, compile = plan(*args, **kw, kernels=KERNELS), True
         first = self.plan.budget - self.plan.predicted_peak < COMPILE_MEMORY
         self._runner = Runner(self.files, self.dtype, self.monitor, compile=compile, compile_first=compile and first,
                               **{**self.plan.runner_kwargs(), **self.runner_options})

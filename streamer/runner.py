@@ -58,10 +58,12 @@ class Runner:
         # each file's view, built once: resident files hold their tensors, streamed ones take from the ring
         # the decode kernels compile while the files load, not in the first decode step (6-8 s there before)
         heads = (self.args.n_heads, self.args.n_kv_heads, self.args.head_dim)
-        tiles = _int4_tiles(files.headers[n] for n in self.names)
-        self._warm = _background(kernels.warm_up, self.args.dim, dtype, heads, tiles) if compile else None
-        if self._warm is not None and compile_first and self.resident:
-            self._warm.result()
+        self._warm = None
+        if compile:
+            tiles = _int4_tiles(files.headers[n] for n in self.names)
+            self._warm = _background(kernels.warm_up, self.args.dim, dtype, heads, tiles)
+            if compile_first and self.resident:
+                self._warm.result()
         loaded = {}
         with ThreadPoolExecutor(1, thread_name_prefix="streamer-load") as reader:  # reads ahead while each file
             for n, (buf, was_mapped) in zip(self.resident, reader.map(              # read is touched here
