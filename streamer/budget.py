@@ -238,7 +238,7 @@ def main(args: argparse.Namespace) -> int:
     batch = _auto_batch(files, budget, args.context, draft, gbps) if auto else int(args.batch_size)
     p = plan(files, budget, batch, args.context, draft=draft, kv_first=auto)
     from .engine import auto_compile, pick_dtype  # a run's default: does it compile its kernels?
-    if auto_compile(p, pick_dtype("auto")):
+    if auto_compile(p, pick_dtype("auto"), bool(files.quantize)):
         p = plan(files, budget, batch, args.context, draft=draft, kv_first=auto, kernels=KERNELS)
     blocks = [n for n in p.resident if n.startswith("block_")]
     print(f"memory budget {mib(p.budget)} for batch {batch}, context {args.context}:")

@@ -40,10 +40,13 @@ COMPILE_MIN_BATCH = 32  # decode attention of 32 sequences: 18-19 ms a layer eag
 COMPILE_MEMORY = 512 << 20
 
 
-def auto_compile(p: Plan, dtype: torch.dtype) -> bool:
-    """compile="auto": the kernels' compile time pays back over many resident bf16 bytes, or many sequences."""
+def auto_compile(p: Plan, dtype: torch.dtype, quantized: bool = False) -> bool:
+    """compile="auto": the kernels' compile time pays back over many resident bf16 bytes, or many sequences.
+    A quantized split's resident bytes do not count: its one-row matmuls take torch's integer kernels, so at
+    a few sequences compiling would buy only decode attention, and the first decode step waited for it (the 8B
+    int4, all in RAM: 3.37 s against 0.19 for the steps after it)."""
     return (dtype == torch.bfloat16 and kernels.can_compile()
-            and (p.resident_bytes >= COMPILE_MIN_BYTES or p.batch >= COMPILE_MIN_BATCH))
+            and ((not quantized and p.resident_bytes >= COMPILE_MIN_BYTES) or p.batch >= COMPILE_MIN_BATCH))
 
 
 def pick_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -95,8 +98,8 @@ class Engine:
     max_seq_len: the context (default: the model's). tokenizer: a path or tokenizer object (default: the one in
     the model folder). keep_resident=False streams every block even when the budget could keep some in RAM.
     compile: compile the one-row matmul and the attention of decode (kernels.py): "auto" does where it pays back
-    (bf16, a C++ compiler present, and at least COMPILE_MIN_BYTES of weights kept in RAM or COMPILE_MIN_BATCH
-    sequences planned).
+    (bf16, a C++ compiler present, and at least COMPILE_MIN_BYTES of unquantized weights kept in RAM or
+    COMPILE_MIN_BATCH sequences planned).
     kv_cache: "auto" keeps the KV cache in RAM when the memory plan has room for all of it, else on disk;
     "disk" always on disk (a kv_dir, to resume from, is always on disk).
     runner_options override the planner's runner settings (ring_bytes, resident, max_pass_tokens, readers).
@@ -207,7 +210,7 @@ class Engine:
         kw = {"draft": self.draft.files if self.draft else None, "kv_first": kv_first}
         compile = self.compile not in (False, "auto")  # the compiled kernels' memory comes out of the budget too
         self.plan = plan(*args, **kw, kernels=KERNELS if compile else 0)
-        if self.compile == "auto" and auto_compile(self.plan, self.dtype):
+        if self.compile == "auto" and auto_compile(self.plan, self.dtype, bool(self.files.quantize)):
             with contextlib.suppress(StreamerError):  # "auto" does without them where the budget cannot hold them
                 self.plan, compile = plan(*args, **kw, kernels=KERNELS), True
         first = self.plan.budget - self.plan.predicted_peak < COMPILE_MEMORY

@@ -182,3 +182,20 @@ def test_auto_compiles_only_where_the_budget_holds_the_kernels(tmp_path, monkeyp
     with Engine(folder, memory_budget="260M", dtype="bfloat16", max_seq_len=64, compile=True) as engine:
         with pytest.raises(StreamerError, match="compiled kernels"):
             engine.runner(32, 16)
+
+
+def test_auto_counts_only_unquantized_resident_bytes(tmp_path, monkeypatch):
+    """A quantized split's one-row matmuls take torch's integer kernels, so its resident bytes do not make
+    "auto" compile at one sequence (a first decode step would wait for kernels it barely uses); 32 sequences do."""
+    from streamer import Engine, engine as engine_module, kernels
+    from streamer.split import split
+    monkeypatch.setattr(kernels, "can_compile", lambda: True)
+    monkeypatch.setattr(kernels, "warm_up", lambda *a: None)
+    monkeypatch.setattr(engine_module, "COMPILE_MIN_BYTES", 1)  # any resident bytes would do
+    bf16 = make_split(tmp_path, GQA)
+    split(tmp_path / "meta", tmp_path / "int8", quantize="int8")
+    with Engine(bf16, dtype="bfloat16", max_seq_len=64) as engine:
+        assert engine.runner(1, 16).resident and engine.runner(1, 16).compiled
+    with Engine(tmp_path / "int8", dtype="bfloat16", max_seq_len=64) as engine:
+        assert engine.runner(1, 16).resident and not engine.runner(1, 16).compiled
+        assert engine.runner(32, 16).compiled
