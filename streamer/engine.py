@@ -215,7 +215,7 @@ class Engine:
                 self.plan, compile = plan(*args, **kw, kernels=KERNELS), True
         first = self.plan.budget - self.plan.predicted_peak < COMPILE_MEMORY
         self._runner = Runner(self.files, self.dtype, self.monitor, compile=compile, compile_first=compile and first,
-                              **{**self.plan.runner_kwargs(), **self.runner_options})
+                              batch=self.plan.batch, **{**self.plan.runner_kwargs(), **self.runner_options})
         return self._runner
 
     def kv_cache(self, slots: int, kv_dir: str | Path | None = None) -> KVCache:

@@ -84,23 +84,40 @@ def compiled_swiglu(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, x: tor
 
 
 def warm_up(dim: int, dtype: torch.dtype, heads: tuple[int, int, int] | None = None,
-            int4_tiles: Iterable[tuple[int, int, int, int]] = ()) -> None:
+            int4_tiles: Iterable[tuple[int, int, int, int]] = (), batch: int = 0) -> None:
     """Compile the kernels on small stand-ins with the model's input width and (n_heads, n_kv_heads, head_dim)
     (the weights' row count, the FFN slice width, the sequences and positions are symbolic, so any will do;
-    one sequence is compiled on its own, as torch specialises sizes of 1), and the int4 tile kernel for each
-    (rows, in, group, out) of int4_tiles, the tiles of the model's int4 matrices (quant.int4_tile_shapes)."""
-    if int4_compiled(dtype):
+    one sequence is compiled on its own, as torch specialises sizes of 1; many sequences only where `batch`,
+    the most a pass decodes, is not 1: that took ~1 s with inductor's cache warm, for a kernel a batch of one
+    never calls), and the int4 tile kernel for each (rows, in, group, out) of
+    int4_tiles, the tiles of the model's int4 matrices (quant.int4_tile_shapes).
+    Stand-ins are as the real inputs are in all that dynamo guards on, or the first real call compiles again, in
+    the middle of a pass: distinct tensors where the real ones are (it guards on aliasing), and symbolic sizes
+    that equal no model dimension (equal sizes share one symbol). The int4 tiles are compiled here whatever the
+    context (this runs in a thread of its own, outside use_compiled): they once were not, and the 8B int4 at
+    batch 128 under memcap 4G compiled them in its first passes, steps of 5.43, 5.37 and 4.44 s against
+    4.14-4.23 s once warmed up (one run each, w4_int4b128.sh)."""
+    if dtype in INT4_TILE_DTYPES:
         for rows, inp, g, out in int4_tiles:
-            scale = torch.zeros(inp // g, out, dtype=dtype)[:, :rows]  # a tile's columns of all W's scales
-            int4_tile(torch.zeros(rows, inp // 2, dtype=torch.uint8), scale, scale)
+            scale, zero = (torch.zeros(inp // g, out, dtype=dtype)[:, :rows] for _ in range(2))  # a tile's columns
+            int4_tile(torch.zeros(rows, inp // 2, dtype=torch.uint8), scale, zero)
     x, w = torch.zeros(dim, dtype=dtype), torch.zeros(16, dim, dtype=dtype)
     compiled_gemv(w, x)
-    compiled_swiglu(w, w, torch.zeros(dim, 16, dtype=dtype), x)
+    compiled_swiglu(w, w.clone(), torch.zeros(dim, 16, dtype=dtype), x)
     if heads:
         H, KV, hd = heads
-        for d in (1, 2):  # views of a longer cache, as the cache in RAM hands them out
-            kv = torch.zeros(2, d, 4, KV, hd, dtype=dtype)[:, :, :3]
-            _get(_decode_attention)(torch.zeros(d, H, hd, dtype=dtype), kv[0], kv[1], torch.full((d,), 3))
+        many = _apart(2, {H, KV, hd})
+        S = _apart(many + 1, {H, KV, hd})  # positions read, of a longer cache row
+        for d in (1,) if batch == 1 else (1, many):  # views of a longer cache, as the cache in RAM hands them out
+            kv = torch.zeros(2, d, _apart(S + 1, {H, KV, hd}), KV, hd, dtype=dtype)[:, :, :S]
+            _get(_decode_attention)(torch.zeros(d, H, hd, dtype=dtype), kv[0], kv[1], torch.full((d,), S))
+
+
+def _apart(n: int, taken: set[int]) -> int:
+    """The least size from n that is none of `taken`."""
+    while n in taken:
+        n += 1
+    return n
 
 
 def can_compile() -> bool:
@@ -137,7 +154,10 @@ def int4_compiled(dtype: torch.dtype) -> bool:
     """Whether int4 tiles in this compute dtype take the compiled kernel (int4_tile): within use_compiled(True),
     in bf16 or fp16. float32 keeps the eager form, whose rounding (addcmul's) the compiled loop does not give bit
     for bit there."""
-    return _COMPILED.get() is not None and dtype != torch.float32
+    return _COMPILED.get() is not None and dtype in INT4_TILE_DTYPES
+
+
+INT4_TILE_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def int4_tile(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

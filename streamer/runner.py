@@ -37,12 +37,13 @@ class Runner:
     prefill does not; compile_first=True waits for them before loading resident files, for a budget that leaves
     the compiler no room beside those, Engine's COMPILE_MEMORY);
     mapped=True keeps resident files as their mapped pages instead of private copies
-    (stream.map_whole)."""
+    (stream.map_whole); batch, the most sequences a pass decodes (0: any), spares a batch of one the compile
+    of a kernel it never calls (kernels.warm_up)."""
 
     def __init__(self, files: ModelFiles, dtype: torch.dtype, monitor: MemoryMonitor | None = None,
                  ring_bytes: int = 0, readers: int = 4, resident: Sequence[str] = (),
                  max_pass_tokens: int = MAX_PASS_TOKENS, compile: bool = False, compile_first: bool = False,
-                 mapped: bool = False):
+                 mapped: bool = False, batch: int = 0):
         self.files, self.args, self.dtype = files, files.args, dtype
         self.freqs = model.rope_frequencies(self.args)
         self.monitor = monitor
@@ -61,7 +62,7 @@ class Runner:
         self._warm = None
         if compile:
             tiles = _int4_tiles(files.headers[n] for n in self.names)
-            self._warm = _background(kernels.warm_up, self.args.dim, dtype, heads, tiles)
+            self._warm = _background(kernels.warm_up, self.args.dim, dtype, heads, tiles, batch)
             if compile_first and self.resident:
                 self._warm.result()
         loaded = {}

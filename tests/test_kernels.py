@@ -199,3 +199,44 @@ def test_auto_counts_only_unquantized_resident_bytes(tmp_path, monkeypatch):
     with Engine(tmp_path / "int8", dtype="bfloat16", max_seq_len=64) as engine:
         assert engine.runner(1, 16).resident and not engine.runner(1, 16).compiled
         assert engine.runner(32, 16).compiled
+
+
+def test_a_batch_of_one_warms_up_one_sequences_attention_only(tmp_path, monkeypatch):
+    """The warm-up compiles decode attention for many sequences only where a pass may decode more than one:
+    the Engine passes its plan's batch, and a batch of one is spared that compile (~1 s)."""
+    from streamer import Engine, kernels
+    calls = []
+    monkeypatch.setattr(kernels, "_get", lambda fn, dynamic=True: lambda *a: calls.append((fn.__name__, a[0].shape[0])))
+    for batch, sequences in ((1, [1]), (4, [1, 3]), (0, [1, 3])):  # 3: many sequences, apart from 2 kv heads
+        calls.clear()
+        kernels.warm_up(64, torch.bfloat16, (8, 2, 8), batch=batch)
+        assert [d for name, d in calls if name == "_decode_attention"] == sequences
+    got = []
+    monkeypatch.setattr(kernels, "warm_up", lambda *a: got.append(a[-1]))
+    monkeypatch.setattr(kernels, "can_compile", lambda: True)
+    folder = make_split(tmp_path, GQA)
+    with Engine(folder, dtype="bfloat16", max_seq_len=64, compile=True) as engine:
+        engine.runner(1, 16)
+        engine.runner(3, 16)
+    assert got == [1, 3]
+
+
+@needs_compiler
+def test_nothing_compiles_again_after_the_warm_up(tmp_path):
+    """The warm-up's stand-ins are what real calls guard on, so decode passes compile nothing more (a compile there
+    stalls the pass and takes memory a tight plan does not have): bf16 at one sequence (one-row matmuls, FFN
+    slices, attention), int4 at 70 (tiles, attention of many sequences). stories260K's 4 kv heads once matched a
+    stand-in's 4 positions, its w1 and w3 one tensor, and the int4 tiles were not compiled at all (the warm-up's
+    thread is outside use_compiled)."""
+    from conftest import STORIES
+    from streamer import Engine
+    from streamer.split import split
+    split(STORIES, tmp_path / "bf16", dtype="bfloat16")  # bf16 weights: the one-row kernels take them
+    split(STORIES, tmp_path / "int4", quantize="int4")
+    torch._dynamo.reset()  # only this test's warm-ups compiled: none of an earlier test's kernels to fall back on
+    for folder, batch in (("bf16", 1), ("int4", 70)):
+        lines = [{"id": i, "prompt_ids": [1, 1 + i], "max_new_tokens": 3} for i in range(batch)]
+        with Engine(tmp_path / folder, dtype="bfloat16", max_seq_len=64, compile=True) as engine:
+            engine.runner(batch, 64)._warm.result()
+            with torch.compiler.set_stance("fail_on_recompile"):
+                assert len(list(engine.batch(lines, batch_size=batch))) == batch
