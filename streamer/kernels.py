@@ -100,7 +100,7 @@ def warm_up(dim: int, dtype: torch.dtype, heads: tuple[int, int, int] | None = N
     if dtype in INT4_TILE_DTYPES:
         for rows, inp, g, out in int4_tiles:
             scale, zero = (torch.zeros(inp // g, out, dtype=dtype)[:, :rows] for _ in range(2))  # a tile's columns
-            int4_tile(torch.zeros(rows, inp // 2, dtype=torch.uint8), scale, zero)
+            int4_tile(torch.zeros(rows, inp // 2, dtype=torch.uint8), scale, zero, torch.empty(inp, rows, dtype=dtype))
     x, w = torch.zeros(dim, dtype=dtype), torch.zeros(16, dim, dtype=dtype)
     compiled_gemv(w, x)
     compiled_swiglu(w, w.clone(), torch.zeros(dim, 16, dtype=dtype), x)
@@ -160,11 +160,19 @@ def int4_compiled(dtype: torch.dtype) -> bool:
 INT4_TILE_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def int4_tile(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """_int4_tile compiled for these very shapes and strides (compiled for symbolic ones it is a scalar loop, 10x
-    slower). On one 4096 x 4096 matrix whose codes stay in cache, in tiles of 512 rows, 2 threads, it took 0.24
-    ms a tile against the eager form's 0.50; out of cache, see quant.qlinear."""
-    return _get(_int4_tile, dynamic=False)(packed, scale, zero)
+def _int4_tile_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(_int4_tile(packed, scale, zero))
+
+
+def int4_tile(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """_int4_tile written into out ([in, rows], contiguous; returned), compiled for these very shapes and strides
+    (compiled for symbolic ones it is a scalar loop, 10x slower). On one 4096 x 4096 matrix whose codes stay in
+    cache, in tiles of 512 rows, 2 threads, it took 0.24 ms a tile against the eager form's 0.50; out of cache,
+    see quant.qlinear. Into a buffer the caller reuses, not a tensor of its own: x[128] @ W.T on 4096 x 4096
+    codes took 7.33-7.84 ms against 7.91-8.42 (four pairs of processes, m2_into.py), and a 4 MiB tile
+    allocated per call is what glibc may give back and fault in again (with its thresholds fixed it took 14-19)."""
+    _get(_int4_tile_into, dynamic=False)(packed, scale, zero, out)
+    return out
 
 
 def swiglu_one_row(x: torch.Tensor, w1, w3, w2) -> torch.Tensor | None:

@@ -252,7 +252,7 @@ def _int4_rows_t(w: Int4Weight, dtype: torch.dtype, compiled: bool):
 
     def convert(j: int, k: int, buf: torch.Tensor) -> torch.Tensor:
         if compiled and (k - j) % 64 == 0:
-            return kernels.int4_tile(w.packed[j:k], scale[:, j:k], zero[:, j:k])
+            return kernels.int4_tile(w.packed[j:k], scale[:, j:k], zero[:, j:k], buf)
         return dequantize_int4_t(Int4Weight(w.packed[j:k], w.sz[:, j:k]), dtype, buf)
     return convert
 

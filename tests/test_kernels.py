@@ -114,7 +114,8 @@ def test_compiled_int4_tiles_are_the_eager_tiles(dt, monkeypatch):
     with kernels.use_compiled(False):
         assert torch.equal(got, quant.qlinear(x, qw))
         sz = qw.sz[:, :192]
-        assert torch.equal(kernels.int4_tile(qw.packed[:192], sz[..., 0].to(dt), (sz[..., 1] - 8 * sz[..., 0]).to(dt)),
+        tile = torch.empty(128, 192, dtype=dt)
+        assert torch.equal(kernels.int4_tile(qw.packed[:192], sz[..., 0].to(dt), (sz[..., 1] - 8 * sz[..., 0]).to(dt), tile),
                            quant.dequantize_int4_t(quant.Int4Weight(qw.packed[:192], sz), dt))
 
 
@@ -131,9 +132,9 @@ def test_int4_tiles_take_the_kernel_warmed_up_for_their_shapes(tmp_path, monkeyp
     warm_up = kernels.warm_up
     monkeypatch.setattr(kernels, "warm_up", lambda *a: warmed.update(a[3]) or warm_up(*a))
     tile = kernels.int4_tile
-    monkeypatch.setattr(kernels, "int4_tile", lambda p, s, z: used.add((p.shape[0], 2 * p.shape[1],
-                                                                        2 * p.shape[1] // s.shape[0], s.stride(0)))
-                        or tile(p, s, z))
+    monkeypatch.setattr(kernels, "int4_tile", lambda p, s, z, out: used.add((p.shape[0], 2 * p.shape[1],
+                                                                             2 * p.shape[1] // s.shape[0], s.stride(0)))
+                        or tile(p, s, z, out))
     lines = [{"id": i, "prompt_ids": [1, 1 + i], "max_new_tokens": 3} for i in range(70)]
 
     def run():
