@@ -9,7 +9,10 @@ every shape of the model (2048 x 4096: 1.9 s, then 1536 x 4096: 1.9 s more, 512 
 same speed (25.8 GB/s static against 27.2 symbolic, one run). The first compile on a machine costs ~20 s
 (inductor's on-disk cache makes it ~4 s after), so the runner compiles in the background while the weights
 load (warm_up), and uses the kernels only when the Engine says they pay back: bf16 weights kept in RAM,
-many of them, or many sequences, and a C++ compiler present.
+many of them, or many sequences, and a C++ compiler present. An FFN slice takes three of them (w1, w3, then
+w2): one kernel fusing the slice read its weights at 33 GB/s where three separate ones read 48-49 (s1_swiglu.py),
+and the all-resident 8B bf16 step took 0.571 s with it against 0.465 without (p8_ffn_ab.py, one process, five
+rounds).
 
 Many-row matmuls on int4 codes convert them a tile at a time to the compute dtype for a GEMM (quant.qlinear);
 a compiled loop does that conversion in half the eager ops' time (int4_tile), which takes int4 at 64-512 rows
@@ -34,12 +37,6 @@ _compiled: dict = {}
 
 def _mul_sum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (w.float() * x.float()).sum(-1).to(x.dtype)  # products and sums in float32, as linear accumulates
-
-
-def _swiglu(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """One FFN hidden slice for one row, rounded where the eager block math rounds: w2 (silu(w1 x) * w3 x)."""
-    h = F.silu(_mul_sum(w1, x)) * _mul_sum(w3, x)
-    return (w2.float() * h.float()).sum(-1).to(x.dtype)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -78,15 +75,10 @@ def compiled_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _get(_mul_sum)(w, x)
 
 
-def compiled_swiglu(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """An FFN slice in one call (one call's overhead instead of three): [dim] in x's dtype."""
-    return _get(_swiglu)(w1, w3, w2, x)
-
-
 def warm_up(dim: int, dtype: torch.dtype, heads: tuple[int, int, int] | None = None,
             int4_tiles: Iterable[tuple[int, int, int, int]] = (), batch: int = 0) -> None:
     """Compile the kernels on small stand-ins with the model's input width and (n_heads, n_kv_heads, head_dim)
-    (the weights' row count, the FFN slice width, the sequences and positions are symbolic, so any will do;
+    (the weights' row count, the sequences and positions are symbolic, so any will do;
     one sequence is compiled on its own, as torch specialises sizes of 1; many sequences only where `batch`,
     the most a pass decodes, is not 1: that took ~1 s with inductor's cache warm, for a kernel a batch of one
     never calls), and the int4 tile kernel for each (rows, in, group, out) of
@@ -103,7 +95,6 @@ def warm_up(dim: int, dtype: torch.dtype, heads: tuple[int, int, int] | None = N
             int4_tile(torch.zeros(rows, inp // 2, dtype=torch.uint8), scale, zero, torch.empty(inp, rows, dtype=dtype))
     x, w = torch.zeros(dim, dtype=dtype), torch.zeros(16, dim, dtype=dtype)
     compiled_gemv(w, x)
-    compiled_swiglu(w, w.clone(), torch.zeros(dim, 16, dtype=dtype), x)
     if heads:
         H, KV, hd = heads
         many = _apart(2, {H, KV, hd})
@@ -127,7 +118,7 @@ def can_compile() -> bool:
 
 @contextlib.contextmanager
 def use_compiled(compiled: bool):
-    """Within it, one-row matmuls (and FFN slices), decode attention and int4 tiles run the compiled kernels
+    """Within it, one-row matmuls, decode attention and int4 tiles run the compiled kernels
     when `compiled`, else their eager forms."""
     token = _COMPILED.set(True if compiled else None)
     try:
@@ -174,9 +165,3 @@ def int4_tile(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out
     _get(_int4_tile_into, dynamic=False)(packed, scale, zero, out)
     return out
 
-
-def swiglu_one_row(x: torch.Tensor, w1, w3, w2) -> torch.Tensor | None:
-    """The compiled FFN slice for x [1, dim], or None where it does not apply (eager, quantized, other dtype)."""
-    if _COMPILED.get() is None or not all(isinstance(w, torch.Tensor) and w.dtype == x.dtype for w in (w1, w3, w2)):
-        return None
-    return compiled_swiglu(w1, w3, w2, x[0])[None]

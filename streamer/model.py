@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .args import ModelArgs
-from .kernels import decode_attention, linear_one_row, swiglu_one_row
+from .kernels import decode_attention, linear_one_row
 from .quant import Int8FFN, Int8Rows, int8_ffn_one_row, int8_rows_one_row, qlinear
 
 
@@ -147,10 +147,7 @@ def feed_forward(x: torch.Tensor, pieces) -> torch.Tensor:
         pieces = pieces.slices
     y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
     for w1, w3, w2 in pieces:
-        if x.shape[0] == 1 and (part := swiglu_one_row(x, w1, w3, w2)) is not None:  # batch-1 decode, compiled
-            y += part
-            continue
-        h = F.silu(linear(x, w1)) * linear(x, w3)  # [N, c]
+        h = F.silu(linear(x, w1)) * linear(x, w3)  # [N, c]; at one row, three compiled matmuls where they run
         y += linear(h, w2)
     return y.to(x.dtype)
 
