@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 _COMPILED = contextvars.ContextVar("streamer_compiled_kernels", default=None)
 _compiled: dict = {}
+INT4_TILE_DTYPES = (torch.bfloat16, torch.float16)  # float32 tiles stay eager (int4_compiled)
 
 
 def _mul_sum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -78,13 +79,13 @@ def compiled_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def warm_up(dim: int, dtype: torch.dtype, heads: tuple[int, int, int] | None = None,
             int4_tiles: Iterable[tuple[int, int, int, int]] = (), batch: int = 0) -> None:
     """Compile the kernels on small stand-ins with the model's input width and (n_heads, n_kv_heads, head_dim)
-    (the weights' row count, the sequences and positions are symbolic, so any will do;
-    one sequence is compiled on its own, as torch specialises sizes of 1; many sequences only where `batch`,
-    the most a pass decodes, is not 1: that took ~1 s with inductor's cache warm, for a kernel a batch of one
-    never calls), and the int4 tile kernel for each (rows, in, group, out) of
-    int4_tiles, the tiles of the model's int4 matrices (quant.int4_tile_shapes).
-    Stand-ins are as the real inputs are in all that dynamo guards on, or the first real call compiles again, in
-    the middle of a pass: distinct tensors where the real ones are (it guards on aliasing), and symbolic sizes
+    (the weights' row count, the sequences and positions are symbolic, so any will do; one sequence is compiled
+    on its own, as torch specialises sizes of 1; many sequences only where `batch`, the most a pass decodes, is
+    not 1: that took ~1 s with inductor's cache warm, for a kernel a batch of one never calls), and the int4 tile
+    kernel for each (rows, in, group, out) of int4_tiles, the tiles of the model's int4 matrices
+    (quant.int4_tile_shapes).
+    The stand-ins are as the real inputs are in all that dynamo guards on, or the first real call compiles again,
+    in the middle of a pass: distinct tensors where the real ones are (it guards on aliasing), and symbolic sizes
     that equal no model dimension (equal sizes share one symbol). The int4 tiles are compiled here whatever the
     context (this runs in a thread of its own, outside use_compiled): they once were not, and the 8B int4 at
     batch 128 under memcap 4G compiled them in its first passes, steps of 5.43, 5.37 and 4.44 s against
@@ -148,8 +149,6 @@ def int4_compiled(dtype: torch.dtype) -> bool:
     return _COMPILED.get() is not None and dtype in INT4_TILE_DTYPES
 
 
-INT4_TILE_DTYPES = (torch.bfloat16, torch.float16)
-
 
 def _int4_tile_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> None:
     out.copy_(_int4_tile(packed, scale, zero))
@@ -164,4 +163,3 @@ def int4_tile(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out
     allocated per call is what glibc may give back and fault in again (with its thresholds fixed it took 14-19)."""
     _get(_int4_tile_into, dynamic=False)(packed, scale, zero, out)
     return out
-
