@@ -236,10 +236,8 @@ def main(args: argparse.Namespace) -> int:
     budget = parse_size(args.memory_budget, "memory_budget") if args.memory_budget else None
     gbps = args.disk_gbps or measure_disk(files)
     batch = _auto_batch(files, budget, args.context, draft, gbps) if auto else int(args.batch_size)
-    p = plan(files, budget, batch, args.context, draft=draft, kv_first=auto)
-    from .engine import auto_compile, pick_dtype  # a run's default: does it compile its kernels?
-    if auto_compile(p, pick_dtype("auto"), bool(files.quantize)):
-        p = plan(files, budget, batch, args.context, draft=draft, kv_first=auto, kernels=KERNELS)
+    from .engine import pick_dtype, plan_run  # planned as a run with the defaults plans, compiled kernels and all
+    p, _ = plan_run(files, budget, batch, args.context, "auto", pick_dtype("auto"), draft=draft, kv_first=auto)
     blocks = [n for n in p.resident if n.startswith("block_")]
     print(f"memory budget {mib(p.budget)} for batch {batch}, context {args.context}:")
     print(f"  predicted peak   {mib(p.predicted_peak)} = " + " + ".join(f"{k} {mib(v)}" for k, v in p.breakdown().items())

@@ -49,6 +49,19 @@ def auto_compile(p: Plan, dtype: torch.dtype, quantized: bool = False) -> bool:
             and ((not quantized and p.resident_bytes >= COMPILE_MIN_BYTES) or p.batch >= COMPILE_MIN_BATCH))
 
 
+def plan_run(files: ModelFiles, budget: int | None, batch: int, context: int, compile: bool | str,
+             dtype: torch.dtype, **kw) -> tuple[Plan, bool]:
+    """A run's memory plan (budget.plan; kw: keep_resident, draft, kv_first) and whether it compiles its kernels.
+    compile=True plans their memory (KERNELS), and a budget that cannot hold it is refused, naming them; "auto"
+    compiles where auto_compile says it pays back and the budget holds them too, else runs eager."""
+    on = compile not in (False, "auto")
+    p = plan(files, budget, batch, context, **kw, kernels=KERNELS if on else 0)
+    if compile == "auto" and auto_compile(p, dtype, bool(files.quantize)):
+        with contextlib.suppress(StreamerError):
+            p, on = plan(files, budget, batch, context, **kw, kernels=KERNELS), True
+    return p, on
+
+
 def pick_dtype(name: str | torch.dtype) -> torch.dtype:
     """`auto` is bf16 where the CPU has native bf16 matmuls (AVX512-BF16 or AMX), else float32."""
     if isinstance(name, torch.dtype):
@@ -206,13 +219,9 @@ class Engine:
             batch = max(batch, old.batch)
             context = max(context, min(self.max_seq_len, 2 * old.context)) if context > old.context else old.context
         self.release()
-        args = (self.files, self.budget, batch, context, self.keep_resident)
-        kw = {"draft": self.draft.files if self.draft else None, "kv_first": kv_first}
-        compile = self.compile not in (False, "auto")  # the compiled kernels' memory comes out of the budget too
-        self.plan = plan(*args, **kw, kernels=KERNELS if compile else 0)
-        if self.compile == "auto" and auto_compile(self.plan, self.dtype, bool(self.files.quantize)):
-            with contextlib.suppress(StreamerError):  # "auto" does without them where the budget cannot hold them
-                self.plan, compile = plan(*args, **kw, kernels=KERNELS), True
+        self.plan, compile = plan_run(self.files, self.budget, batch, context, self.compile, self.dtype,
+                                      keep_resident=self.keep_resident, kv_first=kv_first,
+                                      draft=self.draft.files if self.draft else None)
         first = self.plan.budget - self.plan.predicted_peak < COMPILE_MEMORY
         self._runner = Runner(self.files, self.dtype, self.monitor, compile=compile, compile_first=compile and first,
                               batch=self.plan.batch, **{**self.plan.runner_kwargs(), **self.runner_options})

@@ -160,7 +160,7 @@ def test_a_budget_with_no_room_for_the_compiler_compiles_before_loading_resident
         assert engine.plan.kernels == 0
 
 
-def test_auto_compiles_only_where_the_budget_holds_the_kernels(tmp_path, monkeypatch):
+def test_auto_compiles_only_where_the_budget_holds_the_kernels(tmp_path, monkeypatch, capsys):
     """A budget that fits a plan but not the compiled kernels' memory beside it: compile="auto" runs eager,
     compile=True is refused, naming them."""
     from streamer import Engine, StreamerError, kernels
@@ -171,6 +171,16 @@ def test_auto_compiles_only_where_the_budget_holds_the_kernels(tmp_path, monkeyp
         assert engine.runner(32, 16).compiled  # batch 32: "auto" compiles, given the room
     with Engine(folder, memory_budget="260M", dtype="bfloat16", max_seq_len=64) as engine:
         assert not engine.runner(32, 16).compiled
+        planned = engine.plan.predicted_peak
+    import argparse
+    from streamer import budget  # `streamer plan` plans as the run does: eager, where the kernels do not fit
+    parser = budget.setup_arg_parser(argparse.ArgumentParser())
+    for size, kernels_shown in (("260M", False), ("8G", True)):
+        out = capsys.readouterr() and budget.main(parser.parse_args(
+            [str(folder), "--memory-budget", size, "--batch-size", "32", "--context", "16", "--disk-gbps", "2"]))
+        shown = capsys.readouterr().out
+        assert out == 0 and (f"compiled kernels {budget.mib(budget.KERNELS)}" in shown) == kernels_shown
+        assert kernels_shown or f"predicted peak   {budget.mib(planned)}" in shown
     with Engine(folder, memory_budget="260M", dtype="bfloat16", max_seq_len=64, compile=True) as engine:
         with pytest.raises(StreamerError, match="compiled kernels"):
             engine.runner(32, 16)
