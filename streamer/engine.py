@@ -34,9 +34,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_MIN_BYTES = 1 << 30  # ~0.02 s saved per GB per token against ~2-20 s of compiling once
 COMPILE_MIN_BATCH = 32  # decode attention of 32 sequences: 18-19 ms a layer eager, 6 compiled (8B, 320 positions)
 # what compiling takes for a while beside a plan: a first compile of one kernel peaked 340-640 MiB above a run that
-# does not compile (522-819 MiB against 167-181, in a memory cgroup), and kept 152 (budget.KERNELS, in the plan). A plan that leaves less compiles
-# before loading its resident files: the 8B int4 under memcap 4G had its compiler thrashing for minutes when it
-# compiled beside them
+# does not compile (522-819 MiB against 167-181, in a memory cgroup), and kept 152 (budget.KERNELS, in the plan).
+# A plan that leaves less compiles before loading its resident files: the 8B int4 under memcap 4G had its compiler
+# thrashing for minutes when it compiled beside them
 COMPILE_MEMORY = 512 << 20
 
 
