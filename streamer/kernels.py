@@ -14,10 +14,10 @@ w2): one kernel fusing the slice read its weights at 33 GB/s where three separat
 and the all-resident 8B bf16 step took 0.571 s with it against 0.465 without (p8_ffn_ab.py, one process, five
 rounds).
 
-Many-row matmuls on int4 codes convert them a tile at a time to the compute dtype for a GEMM (quant.qlinear);
-a compiled loop does that conversion in half the eager ops' time (int4_tile), which takes int4 at 64-512 rows
-from 2.1-2.7x bf16's matmul time (torch's int4 kernel) to 1.2-1.6x. That kernel is compiled for each tile shape
-(a model has a few).
+Many-row matmuls on int4 codes requantize them to int8 a tile at a time for an integer matmul
+(quant.qlinear); a compiled loop does that in a third of the eager ops' time (int4_int8_tile: 1.6 against
+5.0 ms per 4096 x 4096 of codes, in tiles of 512 rows), which takes int4 at 128-512 rows from 2.4-2.7x bf16's
+matmul time (torch's int4 kernel) to 0.7-1.0x. That kernel is compiled for each tile shape (a model has a few).
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 _COMPILED = contextvars.ContextVar("streamer_compiled_kernels", default=None)
 _compiled: dict = {}
-INT4_TILE_DTYPES = (torch.bfloat16, torch.float16)  # float32 tiles stay eager (int4_compiled)
 
 
 def _mul_sum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -52,17 +51,17 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: t
     return (probs[..., None].float() * v[:, :, :, None, :].float()).sum(1).to(q.dtype).reshape(D, H * hd)
 
 
-def _int4_tile(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """quant.dequantize_int4_t of whole blocks of 64 rows, with the same numbers: packed [rows, in / 2] uint8 in
-    torch's int4 layout (quant.int4_codes_t), scale and zero - 8 * scale [in / g, rows] in the compute dtype ->
-    W.T [in, rows] in that dtype. Written over [in, rows / 64, 2, 32], whose last 32 are contiguous in the codes
+def _int4_int8_tile(packed: torch.Tensor, sp: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """quant.int4_as_int8_t of whole blocks of 64 rows, with the same numbers: packed [rows, in / 2] uint8 in torch's
+    int4 layout (quant.int4_codes_t), sp and zp [in / g, rows] float32 (quant.int4_int8_scales) -> W.T's int8 codes
+    [in, rows], round(q * sp + zp). Written over [in, rows / 64, 2, 32], whose last 32 are contiguous in the codes
     and in W.T alike, so inductor makes it one vectorised loop (over a flat [in, rows] it made a scalar one)."""
     rows, inp = packed.shape[0], 2 * packed.shape[1]
-    shape = (scale.shape[0], 1, rows // 64, 2, 32)
+    shape = (sp.shape[0], 1, rows // 64, 2, 32)
     b = packed.view(rows // 64, 1, inp, 32)
     codes = torch.cat([b & 15, b >> 4], 1).permute(2, 0, 1, 3).reshape(shape[0], -1, *shape[2:])
-    w = codes.float() * scale.float().view(shape) + zero.float().view(shape)
-    return w.to(scale.dtype).contiguous().view(inp, rows)
+    q = torch.round(codes.float() * sp.view(shape) + zp.view(shape)).to(torch.int8)
+    return q.contiguous().view(inp, rows)
 
 
 def _get(fn, dynamic: bool = True):
@@ -90,10 +89,9 @@ def warm_up(dim: int, dtype: torch.dtype, heads: tuple[int, int, int] | None = N
     context (this runs in a thread of its own, outside use_compiled): they once were not, and the 8B int4 at
     batch 128 under memcap 4G compiled them in its first passes, steps of 5.43, 5.37 and 4.44 s against
     4.14-4.23 s once warmed up (one run each, w4_int4b128.sh)."""
-    if dtype in INT4_TILE_DTYPES:
-        for rows, inp, g, out in int4_tiles:
-            scale, zero = (torch.zeros(inp // g, out, dtype=dtype)[:, :rows] for _ in range(2))  # a tile's columns
-            int4_tile(torch.zeros(rows, inp // 2, dtype=torch.uint8), scale, zero, torch.empty(inp, rows, dtype=dtype))
+    for rows, inp, g, out in int4_tiles:
+        sp, zp = (torch.zeros(inp // g, out)[:, :rows] for _ in range(2))  # a tile's columns
+        int4_int8_tile(torch.zeros(rows, inp // 2, dtype=torch.uint8), sp, zp, torch.empty(inp, rows, dtype=torch.int8))
     x, w = torch.zeros(dim, dtype=dtype), torch.zeros(16, dim, dtype=dtype)
     compiled_gemv(w, x)
     if heads:
@@ -142,24 +140,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: to
     return _get(_decode_attention)(q, k, v, ends)
 
 
-def int4_compiled(dtype: torch.dtype) -> bool:
-    """Whether int4 tiles in this compute dtype take the compiled kernel (int4_tile): within use_compiled(True),
-    in bf16 or fp16. float32 keeps the eager form, whose rounding (addcmul's) the compiled loop does not give bit
-    for bit there."""
-    return _COMPILED.get() is not None and dtype in INT4_TILE_DTYPES
+def int4_compiled() -> bool:
+    """Whether int4 tiles take the compiled kernel (int4_int8_tile): within use_compiled(True)."""
+    return _COMPILED.get() is not None
 
 
 
-def _int4_tile_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> None:
-    out.copy_(_int4_tile(packed, scale, zero))
+def _int4_int8_tile_into(packed: torch.Tensor, sp: torch.Tensor, zp: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(_int4_int8_tile(packed, sp, zp))
 
 
-def int4_tile(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """_int4_tile written into out ([in, rows], contiguous; returned), compiled for these very shapes and strides
-    (compiled for symbolic ones it is a scalar loop, 10x slower). On one 4096 x 4096 matrix whose codes stay in
-    cache, in tiles of 512 rows, 2 threads, it took 0.24 ms a tile against the eager form's 0.50; out of cache,
-    see quant.qlinear. Into a buffer the caller reuses, not a tensor of its own: x[128] @ W.T on 4096 x 4096
-    codes took 7.33-7.84 ms against 7.91-8.42 (four pairs of processes, m2_into.py), and a 4 MiB tile
-    allocated per call is what glibc may give back and fault in again (with its thresholds fixed it took 14-19)."""
-    _get(_int4_tile_into, dynamic=False)(packed, scale, zero, out)
+def int4_int8_tile(packed: torch.Tensor, sp: torch.Tensor, zp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """_int4_int8_tile written into out ([in, rows] int8, contiguous; returned), compiled for these very shapes
+    and strides (compiled for symbolic ones, the bf16 tile kernel before it was a scalar loop, 10x slower). Into a
+    buffer the caller reuses, not a tensor of its own: a bf16 tile allocated per call is what glibc may give back
+    and fault in again, and x[128] @ W.T on 4096 x 4096 codes took 7.91-8.42 ms that way against 7.33-7.84 with
+    the buffer reused (four pairs of processes, m2_into.py, the bf16 tiles)."""
+    _get(_int4_int8_tile_into, dynamic=False)(packed, sp, zp, out)
     return out

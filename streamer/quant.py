@@ -4,13 +4,17 @@ int8: symmetric, one scale per output row:  w ~ q * scale,           q in [-127,
 int4: asymmetric, per group of `group` inputs: w ~ (q - 8) * s + z,  q in [0, 15],
       packed by torch._convert_weight_to_int4pack_for_cpu (the layout its matmul kernel reads).
 A quantized matrix is stored as NAME (the codes) followed by NAME.scale (int8) or NAME.sz (int4:
-scales and zeros, [in / group, out, 2]); nothing is ever dequantized to a full matrix (int4 at many rows
-converts a tile of at most DEQUANT_TILE codes at a time to the compute dtype for F.linear's GEMM).
+scales and zeros, [in / group, out, 2]); nothing is ever dequantized to a full matrix.
 
 int8 multiplies int8 by int8 (int8_matmul) at one row and from INT8_GEMM_ROWS rows: each row of x is
 quantized on the fly, symmetric with its own scale (llama.cpp's Q8_0 does the same per block of 32), and torch's
 integer matmul sums exact int32 products, at about twice bf16's rate (AVX512-VNNI). A row's result does not
 depend on the other rows, since the sums are exact.
+
+int4 takes torch's int4 kernel at few rows. At many, where that kernel costs 2.5-2.7x bf16's GEMM, its codes
+are requantized to int8 a tile of at most DEQUANT_TILE codes at a time, with one scale per output row, and
+multiplied as int8 ones are: a second rounding, of at most half a step of 1/127 of the row's largest weight,
+on top of int4's own of half a step of 1/15 of its group's range.
 """
 from __future__ import annotations
 
@@ -66,8 +70,8 @@ def quantize_int4(w: torch.Tensor, group: int) -> Int4Weight:
 
 
 INT8_GEMM_ROWS = 6  # int8 at 2 .. this - 1 rows takes torch's int8-by-float kernel; at 1 and from here, int8_matmul
-INT4_DEQUANT_ROWS = 256  # from this many rows, int4 codes are converted to x's dtype a tile at a time for F.linear
-INT4_COMPILED_ROWS = 64  # the same from this many where the tiles take the compiled kernel (kernels.int4_compiled)
+INT4_DEQUANT_ROWS = 128  # from this many rows, int4 codes are requantized to int8 a tile at a time (qlinear)
+INT4_COMPILED_ROWS = 48  # the same from this many where the tiles take the compiled kernel (kernels.int4_compiled)
 
 
 def int4_codes_t(packed: torch.Tensor, out: int, inp: int, into: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,14 +103,24 @@ def int4_layout_known() -> bool:
     return torch.equal(int4_codes_t(torch._convert_weight_to_int4pack_for_cpu(q, 1), 80, 128).T.to(torch.int32), q)
 
 
-def dequantize_int4_t(w: Int4Weight, dtype: torch.dtype, into: torch.Tensor | None = None) -> torch.Tensor:
-    """W.T, [in, out], in dtype: (q - 8) * scale + zero, as q * scale + (zero - 8 * scale); into `into` if given."""
-    rows, inp, g = w.sz.shape[1], 2 * w.packed.shape[1], w.group
-    y = int4_codes_t(w.packed, rows, inp, torch.empty(inp, rows, dtype=dtype) if into is None else into)
-    scale = w.sz[..., 0].contiguous()  # [in / group, out]; contiguous, or the products below take a slow strided path
-    zero = (w.sz[..., 1] - 8 * scale).to(dtype)
-    v = y.view(inp // g, g, rows)
-    return torch.addcmul(zero[:, None], v, scale.to(dtype)[:, None], out=v).view(inp, rows)  # one pass, not two
+def int4_int8_scales(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For int4 codes with a (scale s, zero z) per group, sz [in / g, rows, 2] (a weight is q * s + z - 8 s, q in
+    0..15): each group's scale and code-0 value in units of its row's int8 step ([in / g, rows] each), so that
+    round(q * sp + zp) is the weight's int8 code, and that step ([rows]): the row's largest |weight| over 127 (the
+    values at codes 0 and 15 are each group's least and greatest). All in float32."""
+    s = sz[..., 0].float()
+    z = sz[..., 1].float() - 8 * s
+    bound = torch.maximum(z.abs(), (z + 15 * s).abs()).amax(0).clamp(min=1e-30)
+    inv = 127 / bound  # |q * sp + zp| is at most 127 and a rounding error, so the codes round into [-127, 127]
+    return s * inv, z * inv, bound / 127
+
+
+def int4_as_int8_t(packed: torch.Tensor, sp: torch.Tensor, zp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """W.T's int8 codes [in, rows], round(q * sp + zp) (int4_int8_scales), into out (returned). packed [rows, in / 2]
+    holds W's int4 codes; kernels.int4_int8_tile gives the same numbers for whole blocks of 64 rows."""
+    rows, inp = packed.shape[0], 2 * packed.shape[1]
+    v = int4_codes_t(packed, rows, inp, torch.empty(inp, rows)).view(sp.shape[0], -1, rows)
+    return out.copy_(v.mul_(sp[:, None]).add_(zp[:, None]).round_().view(inp, rows))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,43 +235,28 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
       rows the integer matmul takes as long as at 16: ~45 ms on 8 x 14336 x 4096 codes against the kernel's
       23-30). The integer matmul took 0.23-0.37x bf16's time at 1 row, 0.61-0.88x at 16-32 rows, and from 64
       rows 0.58-0.71x in two of five runs, 0.86-1.01x in the other three (each process kept its own level).
-    - int4: torch's kernel below INT4_DEQUANT_ROWS, or below INT4_COMPILED_ROWS in a compiled run (bf16 or
-      fp16), else the codes converted a tile at a time into x's dtype for the GEMM (_tiled), by a compiled loop
-      in a compiled run (kernels.int4_tile). In two runs (another machine than the int8 figures, faster),
-      torch's int4 kernel took 3.25-3.33 / 6.4-6.6 / 12.8-12.9 / 25.7-25.9 / 51.3-52.0 ms at 32 / 64 / 128 /
-      256 / 512 rows; compiled tiles 3.35-3.40 / 4.9-5.1 / 7.4-7.9 / 12.1-12.2 / 22.7-22.9; eager tiles at 256
-      and 512 14.7-15.1 / 23.9-24.6; bf16 2.1 / 3.1-3.2 / 5.3-5.4 / 9.7-9.9 / 19.0-19.1. An earlier machine
-      ran an all-resident 8B step at 128 rows in 8.7-13.7 s on eager tiles (five runs) against the kernel's
-      11.8-12.1 (three), so eager tiles start at 256."""
+    - int4: torch's kernel below INT4_DEQUANT_ROWS, or below INT4_COMPILED_ROWS in a compiled run, else the
+      codes requantized to int8 a tile at a time for the integer matmul (_int4_as_int8_matmul), by a compiled
+      loop in a compiled run (kernels.int4_int8_tile). ms per 4096 x 4096 of weights, on the 8B's shapes (wo,
+      an FFN slice's w1 and w2; a4_rows.py, one run), at 64 / 128 / 256 / 512 rows: torch's int4 kernel
+      6.2-6.3 / 12.5-12.8 / 24.9-25.6 / 49.3-50.8; compiled int8 tiles 3.9-4.4 / 5.0-5.3 / 7.5-7.8 / 12.5-14.1;
+      eager ones 5.7-9.3 / 7.4-7.8 / 10.2-12.0 / 15.1-17.3; bf16 3.0-3.2 / 5.2-5.3 / 9.4-9.5 / 18.3-18.7. The
+      compiled tiles it replaced, converted to bf16 for bf16's GEMM, took 4.4-5.1 / 6.6-7.2 / 10.6-11.7 /
+      19.4-21.3 in the same run. At 8 / 32 / 48 / 64 rows the compiled int8 tiles took 3.0 / 3.5 / 3.6 / 4.1 ms,
+      the kernel 0.8 / 3.1 / 4.6 / 6.2 (a5_low.py)."""
     if isinstance(w, Int8Weight):
         # torch 2.13's int8 kernel crashes (SIGSEGV) on 2 or more rows when the input width is not a multiple of
         # 16 (stories260K's FFN, 172): those take the integer matmul too
         if x.shape[0] == 1 or x.shape[0] >= INT8_GEMM_ROWS or w.q.shape[1] % 16:
             return int8_matmul(x, w)
         return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
-    compiled = kernels.int4_compiled(x.dtype)
+    compiled = kernels.int4_compiled()
     if x.shape[0] >= (INT4_COMPILED_ROWS if compiled else INT4_DEQUANT_ROWS) and int4_layout_known():
-        return _tiled(x, w.sz.shape[1], 64, _int4_rows_t(w, x.dtype, compiled))
+        return _int4_as_int8_matmul(x, w, compiled)
     return torch._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.sz.to(x.dtype))
 
 
-def _int4_rows_t(w: Int4Weight, dtype: torch.dtype, compiled: bool):
-    """convert(j, k, buf) for _tiled: rows j..k-1 of W, transposed, in dtype. With `compiled`, whole blocks of 64
-    rows go through the compiled kernel (kernels.int4_tile: dequantize_int4_t's numbers), given W's scales and
-    zero - 8 * scale in dtype, converted once for all its tiles (per tile, those small ops took 0.7 ms of a
-    4096 x 4096 matrix's ~8.5 at 128 rows); else dequantize_int4_t into buf."""
-    if compiled:
-        scale = w.sz[..., 0].to(dtype).contiguous()  # a resident file's are in dtype already: to() keeps their strides
-        zero = torch.add(w.sz[..., 1], w.sz[..., 0], alpha=-8, out=torch.empty(w.sz.shape[:2], dtype=dtype))
-
-    def convert(j: int, k: int, buf: torch.Tensor) -> torch.Tensor:
-        if compiled and (k - j) % 64 == 0:
-            return kernels.int4_tile(w.packed[j:k], scale[:, j:k], zero[:, j:k], buf)
-        return dequantize_int4_t(Int4Weight(w.packed[j:k], w.sz[:, j:k]), dtype, buf)
-    return convert
-
-
-DEQUANT_TILE = 1 << 21  # codes converted at a time: a 4 MiB bf16 tile, reused, that the GEMM reads from cache
+DEQUANT_TILE = 1 << 21  # int4 codes requantized at a time: a 2 MiB int8 tile, reused, that the matmul reads from cache
 
 
 def tile_rows(out: int, inp: int, align: int) -> int:
@@ -272,20 +271,23 @@ def int4_tile_shapes(out: int, inp: int, group: int) -> set[tuple[int, int, int,
     return {(r, inp, group, out) for r in (rows, out % rows) if r and r % 64 == 0}
 
 
-def _tiled(x: torch.Tensor, out: int, align: int, convert) -> torch.Tensor:
-    """x @ W.T for W [out, in] given a tile of rows at a time: convert(j, k, buf) gives rows j..k-1 of W,
-    transposed and in x's dtype, [in, k - j], written into buf or a tensor of its own. Converting a whole 16 MiB
-    piece into a fresh tensor, then multiplying, took 21.3 ms at 128 rows on 4096 x 4096 int8 codes, against 10.9
-    ms for the GEMM alone: the new tensor's pages fault in, and the GEMM reads it back from RAM. In tiles of 512
-    rows it took 11.8 ms (2 threads; tiles of 128-1024 rows 11.6-12.9 ms, the GEMM alone 10.8-11.1 in the same
-    runs)."""
-    inp = x.shape[1]
-    rows = tile_rows(out, inp, align)
-    buf = torch.empty(inp * rows, dtype=x.dtype)
+def _int4_as_int8_matmul(x: torch.Tensor, w: Int4Weight, compiled: bool) -> torch.Tensor:
+    """x @ W.T for many rows of x: W's codes requantized to int8 a tile of rows at a time (int4_as_int8_t, or
+    with `compiled` kernels.int4_int8_tile for whole blocks of 64 rows), x quantized per row (quantize_rows), and
+    torch's integer matmul on the two, its exact int32 sums scaled back by the tile's row scales and x's, rounded
+    to x's dtype once. The tile is reused, and small enough for the matmul to read it from cache."""
+    out, inp = w.sz.shape[1], x.shape[1]
+    xq, sx = _rows_of(x)
+    # from the scales as torch's int4 kernel takes them, in x's dtype (a resident file's are already)
+    sp, zp, scale = int4_int8_scales(w.sz.to(x.dtype))
+    rows = tile_rows(out, inp, 64)
+    buf = torch.empty(inp * rows, dtype=torch.int8)
     y = torch.empty(x.shape[0], out, dtype=x.dtype)
     for j in range(0, out, rows):
         k = min(out, j + rows)
-        torch.mm(x, convert(j, k, buf[:inp * (k - j)].view(inp, k - j)), out=y[:, j:k])
+        convert = kernels.int4_int8_tile if compiled and (k - j) % 64 == 0 else int4_as_int8_t
+        tile = convert(w.packed[j:k], sp[:, j:k], zp[:, j:k], buf[:inp * (k - j)].view(inp, k - j))
+        torch.mul(torch.mul(torch._int_mm(xq, tile), scale[j:k]), sx, out=y[:, j:k])
     return y
 
 

@@ -191,7 +191,9 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), help="store weights in this dtype (default: the source's)")
     p.add_argument("--rope-scaling-factor", type=float,
                    help="Llama 3.1+ RoPE scaling factor (default: 8 for 3.1, 32 for 3.2 1B/3B shapes, or config.json's)")
-    p.add_argument("--quantize", choices=SCHEMES, help="int8: per-row scales (activations quantized per row at 1 and 6+ rows); int4: groups of 64, weight-only")
+    p.add_argument("--quantize", choices=SCHEMES,
+                   help="int8: per-row scales (activations quantized per row at 1 and 6+ rows); int4: groups of 64 "
+                        "(requantized to int8, and activations quantized per row, at 48+ rows compiled, 128+ eager)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

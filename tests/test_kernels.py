@@ -85,29 +85,30 @@ def test_batch_with_compiled_kernels_gives_single_runs(tmp_path):
 
 
 @needs_compiler
-@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16])
 def test_compiled_int4_tiles_are_the_eager_tiles(dt, monkeypatch):
     """Many-row int4 matmuls through the compiled tile kernel give the eager tiles' very bits. It takes tiles of
-    whole 64-row blocks from INT4_COMPILED_ROWS rows; a tail tile, and float32, stay eager."""
+    whole 64-row blocks from INT4_COMPILED_ROWS rows; a tail tile stays eager."""
     from streamer import kernels, quant
     torch.manual_seed(0)
     qw = quant.quantize(torch.randn(208, 128) * 0.05, "int4")  # three blocks of 64 rows, then a tail of 16
     monkeypatch.setattr(quant, "DEQUANT_TILE", 64 * 128)  # a tile of 64 rows: three whole, then the tail alone
     calls = []
-    monkeypatch.setattr(kernels, "int4_tile", lambda *a, f=kernels.int4_tile: calls.append(a[0].shape) or f(*a))
+    tile = kernels.int4_int8_tile
+    monkeypatch.setattr(kernels, "int4_int8_tile", lambda *a: calls.append(a[0].shape) or tile(*a))
     x = torch.randn(quant.INT4_COMPILED_ROWS, 128).to(dt)
     with kernels.use_compiled(True):
         got = quant.qlinear(x, qw)
         assert calls == [(64, 64)] * 3
-        quant.qlinear(x[1:], qw), quant.qlinear(x.float(), qw)
-        assert len(calls) == 3  # fewer rows: torch's int4 kernel; float32: eager tiles
+        quant.qlinear(x[1:], qw)
+        assert len(calls) == 3  # fewer rows: torch's int4 kernel
     monkeypatch.setattr(quant, "INT4_DEQUANT_ROWS", quant.INT4_COMPILED_ROWS)
     with kernels.use_compiled(False):
         assert torch.equal(got, quant.qlinear(x, qw))
-        sz = qw.sz[:, :192]
-        tile = torch.empty(128, 192, dtype=dt)
-        assert torch.equal(kernels.int4_tile(qw.packed[:192], sz[..., 0].to(dt), (sz[..., 1] - 8 * sz[..., 0]).to(dt), tile),
-                           quant.dequantize_int4_t(quant.Int4Weight(qw.packed[:192], sz), dt))
+    sp, zp, _ = quant.int4_int8_scales(qw.sz.to(dt))
+    tile = kernels.int4_int8_tile(qw.packed[:192], sp[:, :192], zp[:, :192], torch.empty(128, 192, dtype=torch.int8))
+    want = quant.int4_as_int8_t(qw.packed[:192], sp[:, :192], zp[:, :192], torch.empty_like(tile))
+    assert torch.equal(tile, want) and tile.abs().max() == 127
 
 
 def test_int4_tiles_take_the_kernel_warmed_up_for_their_shapes(tmp_path, monkeypatch):
@@ -122,10 +123,11 @@ def test_int4_tiles_take_the_kernel_warmed_up_for_their_shapes(tmp_path, monkeyp
     warmed, used = set(), set()
     warm_up = kernels.warm_up
     monkeypatch.setattr(kernels, "warm_up", lambda *a: warmed.update(a[3]) or warm_up(*a))
-    tile = kernels.int4_tile
-    monkeypatch.setattr(kernels, "int4_tile", lambda p, s, z, out: used.add((p.shape[0], 2 * p.shape[1],
-                                                                             2 * p.shape[1] // s.shape[0], s.stride(0)))
-                        or tile(p, s, z, out))
+    tile = kernels.int4_int8_tile
+    monkeypatch.setattr(kernels, "int4_int8_tile", lambda p, sp, zp, out: used.add((p.shape[0], 2 * p.shape[1],
+                                                                                    2 * p.shape[1] // sp.shape[0],
+                                                                                    sp.stride(0)))
+                        or tile(p, sp, zp, out))
     lines = [{"id": i, "prompt_ids": [1, 1 + i], "max_new_tokens": 3} for i in range(70)]
 
     def run():
@@ -133,7 +135,7 @@ def test_int4_tiles_take_the_kernel_warmed_up_for_their_shapes(tmp_path, monkeyp
             return [(r["tokens"], r["logprobs"]) for r in engine.batch(lines, batch_size=70)]
     compiled = run()
     assert used and used == warmed
-    monkeypatch.setattr(kernels, "int4_compiled", lambda dtype: False)
+    monkeypatch.setattr(kernels, "int4_compiled", lambda: False)
     monkeypatch.setattr(quant, "INT4_DEQUANT_ROWS", quant.INT4_COMPILED_ROWS)
     assert run() == compiled
 

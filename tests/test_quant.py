@@ -7,17 +7,19 @@ import torch
 from conftest import GQA, STORIES, make_split, stream
 from streamer import MemoryKVCache, ModelFiles, Runner, quant
 from streamer.layout import MANIFEST
-from streamer.quant import (Int4Weight, Int8Weight, dequantize_int4_t, int4_codes_t, int4_group, int4_layout_known, qlinear,
-                            quantize)
+from streamer.quant import (Int4Weight, Int8Weight, int4_as_int8_t, int4_codes_t, int4_group, int4_int8_scales,
+                            int4_layout_known, qlinear, quantize)
 from streamer.split import split
 
 
 @pytest.mark.parametrize("scheme,bound", [("int8", 0.015), ("int4", 0.12)])
-@pytest.mark.parametrize("rows", [1, 3, 40, 300])  # int8: int8 x int8 at 1 and 40+, torch's kernel at 3; int4: kernel, then tiles
+# int8: int8 x int8 at 1 and 40+, torch's kernel at 3; int4: torch's kernel, then requantized to int8
+@pytest.mark.parametrize("rows", [1, 3, 40, 300])
 @pytest.mark.parametrize("width", [512, 172])  # 172 (stories260K's FFN) crashed torch's int8 kernel at 2+ rows
 def test_kernels_on_quantized_codes(scheme, bound, rows, width):
     """Measured here at 40 rows, width 512: int8 x int8 1.06% from the float product (weights and rows quantized),
-    torch's int8-by-float kernel ~0.7% (weights alone)."""
+    torch's int8-by-float kernel ~0.7% (weights alone). int4 at many rows multiplies its codes requantized to int8
+    by x's rows quantized, and gives their exact product."""
     torch.manual_seed(0)
     w, x = torch.randn(256, width) * 0.05, torch.randn(rows, width)
     qw = quantize(w, scheme)
@@ -32,7 +34,14 @@ def test_kernels_on_quantized_codes(scheme, bound, rows, width):
                 xs = xq.float() * sx
             exact = xs @ (qw.q.float() * qw.scale.to(dt).float()[:, None]).T
             assert (y - exact).norm() / exact.norm() < (1e-6 if dt == torch.float32 else 1e-2)
-        else:  # the unpacked codes give what torch's kernel gives, row for row
+        elif rows >= quant.INT4_DEQUANT_ROWS:
+            xq, sx = quant.quantize_rows(x.to(dt))
+            sp, zp, sw = int4_int8_scales(qw.sz.to(dt))
+            wq = int4_as_int8_t(qw.packed, sp, zp, torch.empty(width, 256, dtype=torch.int8))
+            exact = (xq.float() * sx) @ (wq.float() * sw)
+            assert (y - exact).norm() / exact.norm() < (1e-6 if dt == torch.float32 else 1e-2)
+            assert (y - x @ dequantize_int4(qw).T).norm() / exact.norm() < 0.02  # int8's rounding on top of int4's
+        else:
             kernel = torch._weight_int4pack_mm_for_cpu(x.to(dt), qw.packed, qw.group, qw.sz.to(dt)).float()
             assert (y - kernel).norm() / kernel.norm() < (1e-5 if dt == torch.float32 else 1e-2)
 
@@ -60,15 +69,26 @@ def test_int8_rows_quantized_once_for_the_same_unchanged_input(monkeypatch):
     assert len(calls) == 3
 
 
-def test_codes_converted_a_tile_at_a_time_give_the_whole_product(monkeypatch):
+def dequantize_int4(w: Int4Weight) -> torch.Tensor:
+    """W [out, in] in float32: (q - 8) * scale + zero."""
+    rows, inp = w.sz.shape[1], 2 * w.packed.shape[1]
+    codes = int4_codes_t(w.packed, rows, inp).T.float().reshape(rows, inp // w.group, w.group)
+    return ((codes - 8) * w.sz[..., 0].T[..., None] + w.sz[..., 1].T[..., None]).view(rows, inp)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_codes_converted_a_tile_at_a_time_give_the_whole_product(monkeypatch, dt):
+    """Each row of W has its own int8 scale and the sums are exact, so the tiles give the very bits of one tile."""
     torch.manual_seed(0)
-    w, x = torch.randn(208, 128) * 0.05, torch.randn(300, 128)  # 208 rows: three int4 blocks of 64, then a tail of 16
+    w, x = torch.randn(208, 128) * 0.05, torch.randn(300, 128).to(dt)  # 208 rows: three int4 blocks of 64, then 16
     qw = quantize(w, "int4")
+    whole = qlinear(x, qw)
     monkeypatch.setattr(quant, "DEQUANT_TILE", 64 * 128)  # 64 rows a tile: four tiles, the last the tail alone
     calls = []
-    monkeypatch.setattr(quant, "_tiled", lambda *a, f=quant._tiled: calls.append(a[1]) or f(*a))
-    torch.testing.assert_close(qlinear(x, qw), x @ dequantize_int4_t(qw, torch.float32), rtol=1e-5, atol=1e-5)
-    assert calls == [208]
+    convert = quant.int4_as_int8_t
+    monkeypatch.setattr(quant, "int4_as_int8_t", lambda p, *a: calls.append(p.shape[0]) or convert(p, *a))
+    assert torch.equal(qlinear(x, qw), whole)
+    assert calls == [64, 64, 64, 16]
 
 
 @pytest.mark.parametrize("out", [16, 48, 64, 80, 192])  # blocks of 64 rows, and tails
@@ -76,10 +96,10 @@ def test_int4_codes_unpack_torchs_layout(out):
     assert int4_layout_known()
     q = torch.randint(0, 16, (out, 128), dtype=torch.int32)
     assert torch.equal(int4_codes_t(torch._convert_weight_to_int4pack_for_cpu(q, 1), out, 128).T.to(torch.int32), q)
-    w = quantize(torch.randn(out, 128), "int4")
-    codes = int4_codes_t(w.packed, out, 128).T.float().reshape(out, 2, 64)
-    want = ((codes - 8) * w.sz[..., 0].T[..., None] + w.sz[..., 1].T[..., None]).view(out, 128)
-    torch.testing.assert_close(dequantize_int4_t(w, torch.float32).T, want)
+    w = torch.randn(out, 128)
+    qw = quantize(w, "int4")
+    step = qw.sz[..., 0].T[..., None]  # [out, groups, 1]: each group's range over 15
+    assert ((dequantize_int4(qw) - w).abs().view(out, 2, 64) <= step / 2 + 1e-6).all()
 
 
 def teacher_forced_logits(folder, seq):
