@@ -15,8 +15,8 @@ and the all-resident 8B bf16 step took 0.571 s with it against 0.465 without (p8
 rounds).
 
 Many-row matmuls on int4 codes requantize them to int8 a tile at a time for an integer matmul
-(quant.qlinear); a compiled loop does that in a third of the eager ops' time (int4_int8_tile: 1.6 against
-5.0 ms per 4096 x 4096 of codes, in tiles of 512 rows), which takes int4 at 128-512 rows from 2.4-2.7x bf16's
+(quant.qlinear); a compiled loop does that in a third of the eager ops' time (int4_int8_tile: 1.4 against
+4.2 ms per 4096 x 4096 of codes, in tiles of 512 rows, a6_tile.py), which takes int4 at 128-512 rows from 2.4-2.7x bf16's
 matmul time (torch's int4 kernel) to 0.7-1.0x. That kernel is compiled for each tile shape (a model has a few).
 """
 from __future__ import annotations
@@ -146,7 +146,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: to
 def int4_compiled() -> bool:
     """Whether int4 tiles take the compiled kernel (int4_int8_tile): within use_compiled(True)."""
     return _COMPILED.get() is not None
-
 
 
 def _int4_int8_tile_into(packed: torch.Tensor, sp: torch.Tensor, zp: torch.Tensor, out: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""Weight-only quantization, done once at split time and computed on directly with torch's CPU kernels.
+"""Quantized weights, made once at split time and computed on directly with torch's CPU kernels.
 
 int8: symmetric, one scale per output row:  w ~ q * scale,           q in [-127, 127]
 int4: asymmetric, per group of `group` inputs: w ~ (q - 8) * s + z,  q in [0, 15],
@@ -11,10 +11,12 @@ quantized on the fly, symmetric with its own scale (llama.cpp's Q8_0 does the sa
 integer matmul sums exact int32 products, at about twice bf16's rate (AVX512-VNNI). A row's result does not
 depend on the other rows, since the sums are exact.
 
-int4 takes torch's int4 kernel at few rows. At many, where that kernel costs 2.5-2.7x bf16's GEMM, its codes
+int4 takes torch's int4 kernel at few rows. At many, where that kernel costs 2.4-2.7x bf16's GEMM, its codes
 are requantized to int8 a tile of at most DEQUANT_TILE codes at a time, with one scale per output row, and
 multiplied as int8 ones are: a second rounding, of at most half a step of 1/127 of the row's largest weight,
-on top of int4's own of half a step of 1/15 of its group's range.
+on top of int4's own of half a step of 1/15 of its group's range. On stories260K (real weights), one pass of
+300 tokens moved from float by a KL of 0.0350 against 0.0345 with bf16 tiles (float32; bf16: 0.0358 against
+0.0353), its top-1 agreement with float 0.917 either way (0.920 against 0.914 in bf16; q1_quality.py).
 """
 from __future__ import annotations
 
