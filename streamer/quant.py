@@ -262,7 +262,7 @@ DEQUANT_TILE = 1 << 21  # int4 codes requantized at a time: a 2 MiB int8 tile, r
 
 
 def tile_rows(out: int, inp: int, align: int) -> int:
-    """The rows of W [out, in] that _tiled converts at a time."""
+    """The rows of W [out, in] that _int4_as_int8_matmul requantizes at a time."""
     return min(out, max(align, DEQUANT_TILE // inp // align * align))
 
 
