@@ -16,8 +16,9 @@ rounds).
 
 Many-row matmuls on int4 codes requantize them to int8 a tile at a time for an integer matmul
 (quant.qlinear); a compiled loop does that in a third of the eager ops' time (int4_int8_tile: 1.4 against
-4.2 ms per 4096 x 4096 of codes, in tiles of 512 rows, a6_tile.py), which takes int4 at 128-512 rows from 2.4-2.7x bf16's
-matmul time (torch's int4 kernel) to 0.7-1.0x. That kernel is compiled for each tile shape (a model has a few).
+4.2 ms per 4096 x 4096 of codes, in tiles of 512 rows, a6_tile.py), which takes int4 at 128-512 rows from
+2.4-2.7x bf16's matmul time (torch's int4 kernel) to 0.7-1.0x. That kernel is compiled for each tile shape (a
+model has a few).
 """
 from __future__ import annotations
 

@@ -128,9 +128,9 @@ def gemv_rates(shapes: list[tuple[int, int]], total: int = 1 << 30) -> dict:
 def quantized_matmuls(dim: int, rows: list[int], total: int = 1 << 30) -> dict:
     """ms per [dim, dim] matrix of x[rows] @ W.T for int8 and int4 codes: streamer's qlinear (torch's kernel at
     few rows, int8 x int8 at many, int4 codes requantized to int8 a tile at a time), for int4 also with the
-    compiled tile kernel (`compiled`, as a compiled run takes it), torch's kernel alone, and bf16 F.linear on bf16 weights,
-    which the quantized files must not be slower than. `total` bytes of bf16 weights (half that of int8 codes, a
-    quarter of int4), so none stays in cache, in at most 64 matrices."""
+    compiled tile kernel (`compiled`, as a compiled run takes it), torch's kernel alone, and bf16 F.linear on
+    bf16 weights, which the quantized files must not be slower than. `total` bytes of bf16 weights (half that of
+    int8 codes, a quarter of int4), so none stays in cache, in at most 64 matrices."""
     import torch.nn.functional as F
     from streamer import kernels, quant
 
