@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 
+from . import quant
 from .errors import StreamerError
 from .layout import ModelFiles
 from .runner import MAX_PASS_TOKENS
@@ -128,7 +129,10 @@ def activation_bytes(files: ModelFiles, tokens: int, batch: int, context: int) -
     qkv = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
     per_token = 2 * (5 * a.dim + qkv + 4 * 1024) + 4 * a.dim + 16 * a.head_dim
     attention = 4 * a.n_heads * min(tokens, 1024) * context if tokens > 1 else 0  # SDPA tiles
-    return tokens * per_token + attention + batch * a.vocab_size * 8
+    # resident int4 FFNs, joined, take the whole hidden dim at once below torch's int4 kernel's last row count:
+    # [w1; w3]'s output, its SiLU and their product (quant.int4_ffn_whole)
+    joined = 2 * 4 * a.ffn_dim * min(tokens, quant.INT4_DEQUANT_ROWS - 1) if files.quantize == "int4" else 0
+    return tokens * per_token + attention + joined + batch * a.vocab_size * 8
 
 
 def draft_bytes(files: ModelFiles, context: int, batch: int = 1) -> int:
@@ -246,7 +250,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"  resident         {len(blocks)} of {files.args.n_layers} blocks{head}"
           + (f" ({blocks[0]} .. {blocks[-1]})" if blocks else "")
           + ("" if not p.resident else ", as mapped file pages (no memory cgroup)" if p.mapped
-             else ", in private memory (a memory cgroup's limit applies)"))
+             else ", in private memory (a memory cgroup's limit applies)")
+          + ("; their int4 matrices copied whole into private memory" if p.resident and files.quantize == "int4" else ""))
     print(f"  read per step    {p.bytes_per_step / 1e9:.2f} GB; prefill passes of up to {p.max_pass_tokens} tokens")
     if draft:
         print(f"  draft model      {draft.folder.name}, whole in RAM: {mib(p.draft)} (weights, activations, KV)")

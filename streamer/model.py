@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from .args import ModelArgs
 from .kernels import decode_attention, linear_one_row
-from .quant import Int8FFN, Int8Rows, int8_ffn_one_row, int8_rows_one_row, qlinear
+from .quant import (Int4FFN, Int4Rows, Int8FFN, Int8Rows, int4_ffn_whole, int4_kernel_rows, int8_ffn_one_row,
+                    int8_rows_one_row, qlinear)
 
 
 class Seq(NamedTuple):
@@ -145,6 +146,10 @@ def feed_forward(x: torch.Tensor, pieces) -> torch.Tensor:
         if x.shape[0] == 1:
             return int8_ffn_one_row(x, pieces)
         pieces = pieces.slices
+    elif isinstance(pieces, Int4FFN):  # a resident int4 file's slices, joined
+        if x.shape[0] < int4_kernel_rows():
+            return int4_ffn_whole(x, pieces)
+        pieces = pieces.slices
     y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
     for w1, w3, w2 in pieces:
         h = F.silu(linear(x, w1)) * linear(x, w3)  # [N, c]; at one row, three compiled matmuls where they run
@@ -174,6 +179,10 @@ def linear_rows(x: torch.Tensor, pieces) -> torch.Tensor:
     if isinstance(pieces, Int8Rows):  # a resident int8 file's pieces
         if x.shape[0] == 1:
             return int8_rows_one_row(x, pieces)
+        pieces = iter(pieces.pieces)
+    elif isinstance(pieces, Int4Rows):  # a resident int4 file's pieces, joined
+        if x.shape[0] < int4_kernel_rows():
+            return qlinear(x, pieces.whole)
         pieces = iter(pieces.pieces)
     if not isinstance(pieces, Iterator):  # a tensor, or quantized codes with their scales
         return linear(x, pieces)

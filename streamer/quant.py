@@ -11,7 +11,8 @@ quantized on the fly, symmetric with its own scale (llama.cpp's Q8_0 does the sa
 integer matmul sums exact int32 products, at about twice bf16's rate (AVX512-VNNI). A row's result does not
 depend on the other rows, since the sums are exact.
 
-int4 takes torch's int4 kernel at few rows. At many, where that kernel costs 2.4-2.7x bf16's GEMM, its codes
+int4 takes torch's int4 kernel at few rows, on whole matrices where a resident file has joined its pieces
+(Int4Rows, Int4FFN). At many, where that kernel costs 2.4-2.7x bf16's GEMM, its codes
 are requantized to int8 a tile of at most DEQUANT_TILE codes at a time, with one scale per output row, and
 multiplied as int8 ones are: a second rounding, of at most half a step of 1/127 of the row's largest weight,
 on top of int4's own of half a step of 1/15 of its group's range. On stories260K (real weights), one pass of
@@ -21,6 +22,8 @@ on top of int4's own of half a step of 1/15 of its group's range. On stories260K
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -233,6 +236,105 @@ def int8_ffn_one_row(x: torch.Tensor, w: Int8FFN) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+class Int4Rows(NamedTuple):
+    """An int4 matrix kept in RAM whole, joined once from its row pieces W = [W0; W1; ...] (a resident file's wqkv,
+    wo, output; join_int4_rows): one call of torch's int4 kernel where that runs (int4_kernel_rows), the pieces
+    (views) where tiles are requantized, so those keep the streamed pieces' shapes and numbers."""
+    whole: Int4Weight
+    rows: tuple[int, ...]  # each piece's
+
+    @property
+    def pieces(self) -> list[Int4Weight]:
+        bounds = list(itertools.accumulate(self.rows, initial=0))
+        return [Int4Weight(self.whole.packed[a:b], self.whole.sz[:, a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+class Int4FFN(NamedTuple):
+    """A resident file's int4 FFN slices joined once: every slice's w1, then every slice's w3, as one matrix
+    [2 * hidden, dim], and w2 whole [dim, hidden]. Where torch's int4 kernel runs, two calls of it
+    (int4_ffn_whole) instead of three a slice: the 8B's FFN at one row took 2.4 against 2.9 ms a block (j1.py),
+    joining w2 alone 2.7 (j4.py); its [4096, 1024] slices are the slowest shape the kernel reads. w2 then sums the
+    whole hidden dim at once, rounding once where the slices round each partial product (0.4% of the largest
+    output apart, j3.py). Where tiles are requantized, the slices again (`slices`), with the streamed slices'
+    shapes and numbers."""
+    up: Int4Weight
+    down: Int4Weight
+    rows: int  # hidden rows a slice
+
+    @property
+    def slices(self) -> Iterator[tuple[Int4Weight, Int4Weight, Int4Weight]]:
+        """(w1, w3, w2) of each slice, as a file view's "ffn" yields them: w1 and w3 are views, w2 a copy of its
+        columns (2 MiB for the 8B; a view would not be contiguous)."""
+        dim, hidden, c = self.down.packed.shape[0], self.up.packed.shape[0] // 2, self.rows
+        blocks, g = self.down.packed.view(dim // 64, hidden, 32), self.down.group
+        for j in range(0, hidden, c):
+            yield (Int4Weight(self.up.packed[j:j + c], self.up.sz[:, j:j + c]),
+                   Int4Weight(self.up.packed[hidden + j:hidden + j + c], self.up.sz[:, hidden + j:hidden + j + c]),
+                   Int4Weight(blocks[:, j:j + c].contiguous().view(dim, c // 2), self.down.sz[j // g:(j + c) // g]))
+
+
+def int4_rows_joinable(pieces: list[Int4Weight]) -> bool:
+    """Whether row pieces join into one matrix in torch's int4 layout: every piece but the last whole blocks of 64
+    rows (int4_codes_t), and one group size."""
+    return (int4_layout_known() and len({p.group for p in pieces}) == 1
+            and all(p.packed.shape[0] % 64 == 0 for p in pieces[:-1]))
+
+
+def int4_columns_joinable(pieces: list[Int4Weight]) -> bool:
+    """Whether column pieces W = [W0 W1 ...] join into one: the same rows, whole blocks of 64 of them, one group."""
+    rows = {p.packed.shape[0] for p in pieces}
+    return int4_layout_known() and len(rows) == 1 and rows.pop() % 64 == 0 and len({p.group for p in pieces}) == 1
+
+
+def join_int4_rows(pieces: list[Int4Weight], done=lambda i: None) -> Int4Rows:
+    """[W0; W1; ...] (int4_rows_joinable) copied into one matrix, calling done(i) once piece i is copied (a resident
+    file gives its pages back). A 64-row block's codes are contiguous, so the codes join as rows do."""
+    out = sum(p.packed.shape[0] for p in pieces)
+    packed = torch.empty(out, pieces[0].packed.shape[1], dtype=torch.uint8)
+    sz = torch.empty(pieces[0].sz.shape[0], out, 2, dtype=pieces[0].sz.dtype)
+    a = 0
+    for i, p in enumerate(pieces):
+        b = a + p.packed.shape[0]
+        packed[a:b].copy_(p.packed)
+        sz[:, a:b].copy_(p.sz)
+        done(i)
+        a = b
+    return Int4Rows(Int4Weight(packed, sz), tuple(p.packed.shape[0] for p in pieces))
+
+
+def join_int4_columns(pieces: list[Int4Weight], done=lambda i: None) -> Int4Weight:
+    """[W0 W1 ...] (int4_columns_joinable) copied into one matrix, as join_int4_rows does. A block of 64 rows holds
+    each input k's 32 bytes in turn (int4_codes_t), so the codes join along that k."""
+    out, g = pieces[0].packed.shape[0], pieces[0].group
+    inp = sum(2 * p.packed.shape[1] for p in pieces)
+    packed = torch.empty(out, inp // 2, dtype=torch.uint8)
+    sz = torch.empty(inp // g, out, 2, dtype=pieces[0].sz.dtype)
+    k = 0
+    for i, p in enumerate(pieces):
+        n = 2 * p.packed.shape[1]
+        packed.view(out // 64, inp, 32)[:, k:k + n].copy_(p.packed.view(out // 64, n, 32))
+        sz[k // g:(k + n) // g].copy_(p.sz)
+        done(i)
+        k += n
+    return Int4Weight(packed, sz)
+
+
+def int4_ffn_whole(x: torch.Tensor, w: Int4FFN) -> torch.Tensor:
+    """model.feed_forward on joined int4 slices, below int4_kernel_rows: [w1; w3] in one call of torch's int4
+    kernel, then w2 in another."""
+    u = torch._weight_int4pack_mm_for_cpu(x, w.up.packed, w.up.group, w.up.sz.to(x.dtype))
+    hidden = u.shape[1] // 2
+    h = torch.nn.functional.silu(u[:, :hidden]) * u[:, hidden:]
+    return torch._weight_int4pack_mm_for_cpu(h, w.down.packed, w.down.group, w.down.sz.to(x.dtype))
+
+
+def int4_kernel_rows() -> int:
+    """The rows from which qlinear requantizes int4 tiles instead of taking torch's int4 kernel."""
+    if not int4_layout_known():
+        return 1 << 62
+    return INT4_COMPILED_ROWS if kernels.int4_compiled() else INT4_DEQUANT_ROWS
+
+
 def qlinear(x: torch.Tensor, w) -> torch.Tensor:
     """x @ W.T on quantized codes, in x's dtype. On 4096 x 4096 codes and bf16 x, 2 threads (`tools/bench.py
     MODEL --cases qmatmul`):
@@ -255,9 +357,8 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
         if x.shape[0] == 1 or x.shape[0] >= INT8_GEMM_ROWS or w.q.shape[1] % 16:
             return int8_matmul(x, w)
         return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
-    compiled = kernels.int4_compiled()
-    if x.shape[0] >= (INT4_COMPILED_ROWS if compiled else INT4_DEQUANT_ROWS) and int4_layout_known():
-        return _int4_as_int8_matmul(x, w, compiled)
+    if x.shape[0] >= int4_kernel_rows():
+        return _int4_as_int8_matmul(x, w, kernels.int4_compiled())
     return torch._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.sz.to(x.dtype))
 
 

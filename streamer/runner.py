@@ -14,7 +14,7 @@ from .kvcache import KVCache
 from .layout import ModelFiles
 from .memory import MemoryMonitor, trim_page_cache
 from .model import Seq
-from .stream import ResidentFile, StreamedFile, WeightStream, file_pieces, map_whole, read_whole, touch_pages
+from .stream import ResidentFile, StreamedFile, WeightStream, file_pieces, map_whole, read_whole
 
 MAX_PASS_TOKENS = 4096  # longer prompts are prefilled in several passes, bounding activation memory
 
@@ -67,11 +67,9 @@ class Runner:
                 self._warm.result()
         loaded = {}
         with ThreadPoolExecutor(1, thread_name_prefix="streamer-load") as reader:  # reads ahead while each file
-            for n, (buf, was_mapped) in zip(self.resident, reader.map(              # read is touched here
+            for n, (buf, was_mapped) in zip(self.resident, reader.map(              # read is taken in here
                     lambda n: _load(files.folder / n, mapped), self.resident)):
-                if was_mapped:
-                    touch_pages(buf)
-                loaded[n] = ResidentFile(buf, pieces[n], dtype)
+                loaded[n] = ResidentFile(buf, pieces[n], dtype, mapped=was_mapped)
         self.views = {n: loaded[n] if n in loaded else StreamedFile(self.stream, pieces[n]) for n in self.names}
         self.streamed_bytes = sum(files.files[n]["bytes"] for n in streamed)
         self.io.resident_bytes = self.io.bytes_read = sum(files.files[n]["bytes"] for n in self.resident)

@@ -319,7 +319,7 @@ def touch_pages(buf: torch.Tensor) -> None:
     """Read one byte of every page. A mapped page's first access still cost ~0.25 s/GB here after the
     populate (the hypervisor's own mapping, it seems: no system time shows), and left to the first prefill
     it made that 11 s instead of 2.2 s. Through numpy, which lets go of the GIL while it reads (torch's
-    eager ops hold it): the kernels compile meanwhile (runner.py)."""
+    eager ops hold it): the kernels compile meanwhile (Runner). ResidentFile touches what it keeps."""
     int(buf.numpy()[::mmap.PAGESIZE].sum())
 
 
@@ -327,12 +327,15 @@ class ResidentFile(FileView):
     """A file's bytes, read once and kept (a memory budget's resident blocks): mapped (map_whole) or in
     private memory (read_whole). Quantized weights' scales are converted to the compute dtype once, in
     place (a mapped file copies just those pages), rather than at every matmul: on the int4 kernel that
-    took one-row throughput from 9-15 to 16-18 GB/s of codes."""
+    took one-row throughput from 9-15 to 16-18 GB/s of codes. int4 matrices are copied into whole ones
+    (_joined), so a mapped int4 file's weights end up in private memory too."""
 
-    def __init__(self, buf: torch.Tensor, pieces: list[Piece], dtype: torch.dtype | None = None):
+    def __init__(self, buf: torch.Tensor, pieces: list[Piece], dtype: torch.dtype | None = None,
+                 mapped: bool = False):
         super().__init__(pieces)
         self.buf = buf
         self.t = {p.name: self.buf[p.offset:p.offset + p.nbytes].view(p.dtype).view(p.shape) for p in pieces}
+        self.spans = {p.name: (p.offset, p.offset + p.nbytes) for p in pieces}
         for name in self.companions.values():
             t = self.t[name]
             if dtype is not None and t.dtype.itemsize > dtype.itemsize:
@@ -340,20 +343,47 @@ class ResidentFile(FileView):
                 self.t[name] = t.view(-1).view(torch.uint8)[:converted.numel() * dtype.itemsize].view(dtype).view(t.shape)
                 self.t[name].copy_(converted)
         self.joined = self._joined(dtype) if dtype is not None else {}
+        if mapped:  # what is kept of a mapped file's pages (a joined piece's copy was its first read)
+            for t in self.t.values():
+                touch_pages(t.view(-1).view(torch.uint8))
 
     def _joined(self, dtype: torch.dtype) -> dict:
         """int8 row pieces and FFN slices, their scales joined once, for one-row products with one epilogue
         (quant.Int8Rows, quant.Int8FFN). The FFN's only where every slice is whole vectors (64 values; or
-        one slice), so its SiLU rounds every value as the slice-at-a-time form does (tails take a scalar loop)."""
+        one slice), so its SiLU rounds every value as the slice-at-a-time form does (tails take a scalar loop).
+        int4 ones copied, codes and all, into whole matrices (quant.Int4Rows, quant.Int4FFN), each piece's pages
+        in this file given back once it is copied (_give_back), so they take no more memory than before."""
         int8 = lambda ws: all(isinstance(w, Int8Weight) for w in ws)
+        int4 = lambda ws: all(isinstance(w, Int4Weight) for w in ws)
         joined = {}
         for name, parts in self.pieced.items():
-            if name not in self.names and not name.startswith("ffn.") and int8(ws := [self._weight(n) for n in parts]):
+            if name in self.names or name.startswith("ffn."):
+                continue
+            if int8(ws := [self._weight(n) for n in parts]):
                 joined[name] = quant.joined_rows(ws, dtype)
+            elif int4(ws) and len(ws) > 1 and quant.int4_rows_joinable(ws):
+                joined[name] = quant.join_int4_rows(ws, lambda i, n=parts: self._give_back(n[i]))
         slices = [tuple(self._weight(f + s) for s in (".w1", ".w3", ".w2")) for f in self.ffn]
         if slices and int8([w for t in slices for w in t]) and (len(slices) == 1 or slices[0][0].q.shape[0] % 64 == 0):
             joined["ffn"] = quant.joined_ffn(slices, dtype)
+        up, down = [t[0] for t in slices] + [t[1] for t in slices], [t[2] for t in slices]
+        if len(slices) > 1 and int4(up + down) and quant.int4_rows_joinable(up) and quant.int4_columns_joinable(down):
+            names = [f + s for s in (".w1", ".w3") for f in self.ffn]
+            joined["ffn"] = quant.Int4FFN(quant.join_int4_rows(up, lambda i: self._give_back(names[i])).whole,
+                                          quant.join_int4_columns(down, lambda i: self._give_back(self.ffn[i] + ".w2")),
+                                          up[0].packed.shape[0])
         return joined
+
+    def _give_back(self, name: str) -> None:
+        """name's codes and scales are copied elsewhere: their whole pages in this file's buffer go back to the
+        kernel (MADV_DONTNEED: freed if private, dropped from this mapping if mapped), and the names are gone."""
+        for n in (name, self.companions[name]):
+            begin, end = self.spans.pop(n)
+            del self.t[n]
+            base = self.buf.data_ptr()
+            a, b = -(-(base + begin) // mmap.PAGESIZE) * mmap.PAGESIZE, (base + end) // mmap.PAGESIZE * mmap.PAGESIZE
+            if b > a:
+                _libc().madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), mmap.MADV_DONTNEED)
 
     def __getitem__(self, name: str):
         return self.joined[name] if name in self.joined else super().__getitem__(name)

@@ -3,9 +3,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import GQA, STORIES, make_split, stream
-from streamer import MemoryKVCache, ModelFiles, Runner, quant
+from streamer import MemoryKVCache, ModelFiles, Runner, model, quant
 from streamer.layout import MANIFEST
 from streamer.quant import (Int4Weight, Int8Weight, int4_as_int8_t, int4_codes_t, int4_group, int4_int8_scales,
                             int4_layout_known, qlinear, quantize)
@@ -154,6 +155,45 @@ def test_resident_scales_converted_once_give_the_same_output(tmp_path, scheme):
     streamed, _ = stream(tmp_path / scheme, [1, 2, 3], 8, dtype=torch.bfloat16, runner_kw={"resident": []})
     assert [p.token for p in resident] == [p.token for p in streamed]
     assert [p.logprob for p in resident] == [p.logprob for p in streamed]
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_resident_int4_pieces_joined_into_whole_matrices(tmp_path, monkeypatch, dt):
+    """A resident int4 file copies its row pieces (wqkv, wo, the head) and FFN slices into whole matrices, giving
+    back the pages they came from: one call of torch's int4 kernel each below int4_kernel_rows, with the streamed
+    pieces' numbers (w2 aside: one rounding of the whole hidden dim's sum, not one a slice), and from there views
+    of the same codes, with the streamed pieces' very bits."""
+    from streamer import layout
+    monkeypatch.setattr(layout, "PIECE_BYTES", 16 << 10)  # wqkv in 4 pieces, wo 2, the head 8
+    monkeypatch.setattr(layout, "FFN_PIECE_ROWS", 64)  # 7 FFN slices of 64
+    make_split(tmp_path, {**GQA, "dim": 128, "n_heads": 4})
+    split(tmp_path / "meta", tmp_path / "int4", quantize="int4")
+    files = ModelFiles(tmp_path / "int4")
+    runner = Runner(files, dt, resident=files.step_files())
+    block, head = runner.views["block_000.safetensors"], runner.views["head.safetensors"]
+    assert set(block.joined) == {"wqkv", "wo", "ffn"} and set(head.joined) == {"output"}
+    assert (len(block.joined["wqkv"].rows), len(block.joined["wo"].rows), len(head.joined["output"].rows)) == (4, 2, 8)
+    ffn = block.joined["ffn"]
+    assert ffn.up.packed.shape == (2 * 448, 64) and ffn.down.packed.shape == (128, 224) and ffn.rows == 64
+    assert not any(n.startswith(("wqkv", "wo", "ffn.")) for n in block.t)  # given back, and no longer reachable
+    stored = load_file(tmp_path / "int4" / "block_000.safetensors")
+    w = lambda n: Int4Weight(stored[n], stored[n + ".sz"])
+    torch.manual_seed(0)
+    for rows in (1, 5, quant.INT4_DEQUANT_ROWS):
+        x = torch.randn(rows, 128).to(dt)
+        pieces = model.linear_rows(x, iter([w(f"wqkv.{k}") for k in range(4)]))
+        assert torch.equal(model.linear_rows(x, block["wqkv"]), pieces)  # a row's product is the same in any rows
+        out = model.feed_forward(x, ffn)
+        ref = model.feed_forward(x, [(w(f"ffn.{j}.w1"), w(f"ffn.{j}.w3"), w(f"ffn.{j}.w2")) for j in range(7)])
+        if rows >= quant.int4_kernel_rows():
+            assert torch.equal(out, ref)
+        else:
+            assert (out.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+    runner.close()
+    one, _ = stream(tmp_path / "int4", [1, 2, 3], 8, dtype=dt)
+    sliced, _ = stream(tmp_path / "int4", [1, 2, 3], 8, dtype=dt, runner_kw={"resident": []})
+    assert [p.token for p in one] == [p.token for p in sliced]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(one, sliced)) < 0.05
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
