@@ -157,19 +157,24 @@ def test_resident_scales_converted_once_give_the_same_output(tmp_path, scheme):
     assert [p.logprob for p in resident] == [p.logprob for p in streamed]
 
 
+def _resident_in_pieces(tmp_path, monkeypatch, scheme: str, dt) -> Runner:
+    """A runner holding every file of a small `scheme` split in RAM, its matrices stored in several pieces."""
+    from streamer import layout
+    monkeypatch.setattr(layout, "PIECE_BYTES", 16 << 10)  # wqkv in 4 pieces, wo 2, the head 8
+    monkeypatch.setattr(layout, "FFN_PIECE_ROWS", 64)  # 7 FFN slices of 64
+    make_split(tmp_path, {**GQA, "dim": 128, "n_heads": 4})
+    split(tmp_path / "meta", tmp_path / scheme, quantize=scheme)
+    files = ModelFiles(tmp_path / scheme)
+    return Runner(files, dt, resident=files.step_files())
+
+
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
 def test_resident_int4_pieces_joined_into_whole_matrices(tmp_path, monkeypatch, dt):
     """A resident int4 file copies its row pieces (wqkv, wo, the head) and FFN slices into whole matrices, giving
     back the pages they came from: one call of torch's int4 kernel each below int4_kernel_rows, with the streamed
     pieces' numbers (w2 aside: one rounding of the whole hidden dim's sum, not one a slice), and from there views
     of the same codes, with the streamed pieces' very bits."""
-    from streamer import layout
-    monkeypatch.setattr(layout, "PIECE_BYTES", 16 << 10)  # wqkv in 4 pieces, wo 2, the head 8
-    monkeypatch.setattr(layout, "FFN_PIECE_ROWS", 64)  # 7 FFN slices of 64
-    make_split(tmp_path, {**GQA, "dim": 128, "n_heads": 4})
-    split(tmp_path / "meta", tmp_path / "int4", quantize="int4")
-    files = ModelFiles(tmp_path / "int4")
-    runner = Runner(files, dt, resident=files.step_files())
+    runner = _resident_in_pieces(tmp_path, monkeypatch, "int4", dt)
     block, head = runner.views["block_000.safetensors"], runner.views["head.safetensors"]
     assert set(block.joined) == {"wqkv", "wo", "ffn"} and set(head.joined) == {"output"}
     assert (len(block.joined["wqkv"].rows), len(block.joined["wo"].rows), len(head.joined["output"].rows)) == (4, 2, 8)
@@ -200,13 +205,7 @@ def test_resident_int4_pieces_joined_into_whole_matrices(tmp_path, monkeypatch, 
 def test_resident_int8_pieces_joined_give_the_same_output(tmp_path, monkeypatch, dt):
     """A resident int8 file takes one row's products of all row pieces (wqkv, wo, the head) and all FFN slices
     with one epilogue each (quant.Int8Rows, Int8FFN); streamed pieces take one each. The same numbers, bit for bit."""
-    from streamer import layout
-    monkeypatch.setattr(layout, "PIECE_BYTES", 16 << 10)  # wqkv in 4 pieces, wo 2, the head 8
-    monkeypatch.setattr(layout, "FFN_PIECE_ROWS", 64)  # 7 FFN slices of 64
-    make_split(tmp_path, {**GQA, "dim": 128, "n_heads": 4})
-    split(tmp_path / "meta", tmp_path / "int8", quantize="int8")
-    files = ModelFiles(tmp_path / "int8")
-    runner = Runner(files, dt, resident=files.step_files())
+    runner = _resident_in_pieces(tmp_path, monkeypatch, "int8", dt)
     block, head = runner.views["block_000.safetensors"], runner.views["head.safetensors"]
     assert set(block.joined) == {"wqkv", "wo", "ffn"}
     assert (len(block.joined["wqkv"].pieces), len(block.joined["wo"].pieces)) == (4, 2)
