@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from .args import ModelArgs
 from .kernels import decode_attention, linear_one_row
-from .quant import (Int4FFN, Int4Rows, Int8FFN, Int8Rows, int4_ffn_whole, int4_kernel_rows, int8_ffn_one_row,
-                    int8_rows_one_row, qlinear)
+from .quant import JOINED_FFN, JOINED_ROWS, qlinear
 
 
 class Seq(NamedTuple):
@@ -142,13 +141,9 @@ def _attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torc
 def feed_forward(x: torch.Tensor, pieces) -> torch.Tensor:
     """SwiGLU w2(silu(w1 x) * w3 x), one slice j of the hidden dim at a time: pieces yields
     (w1[j] [c, dim], w3[j] [c, dim], w2[:, j] [dim, c]). Partial sums accumulate in float32."""
-    if isinstance(pieces, Int8FFN):  # a resident int8 file's slices
-        if x.shape[0] == 1:
-            return int8_ffn_one_row(x, pieces)
-        pieces = pieces.slices
-    elif isinstance(pieces, Int4FFN):  # a resident int4 file's slices, joined
-        if x.shape[0] < int4_kernel_rows():
-            return int4_ffn_whole(x, pieces)
+    if isinstance(pieces, JOINED_FFN):  # a resident quantized file's slices, joined (quant.py)
+        if (y := pieces.at_once(x)) is not None:
+            return y
         pieces = pieces.slices
     y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
     for w1, w3, w2 in pieces:
@@ -176,13 +171,9 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
 
 def linear_rows(x: torch.Tensor, pieces) -> torch.Tensor:
     """x @ W.T for W given whole or as row pieces (W = [W0; W1; ...]): the outputs concatenate."""
-    if isinstance(pieces, Int8Rows):  # a resident int8 file's pieces
-        if x.shape[0] == 1:
-            return int8_rows_one_row(x, pieces)
-        pieces = iter(pieces.pieces)
-    elif isinstance(pieces, Int4Rows):  # a resident int4 file's pieces, joined
-        if x.shape[0] < int4_kernel_rows():
-            return qlinear(x, pieces.whole)
+    if isinstance(pieces, JOINED_ROWS):  # a resident quantized file's pieces, joined (quant.py)
+        if (y := pieces.at_once(x)) is not None:
+            return y
         pieces = iter(pieces.pieces)
     if not isinstance(pieces, Iterator):  # a tensor, or quantized codes with their scales
         return linear(x, pieces)

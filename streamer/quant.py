@@ -169,6 +169,10 @@ class Int8Rows(NamedTuple):
     pieces: list[Int8Weight]
     scale: torch.Tensor  # [out] float32
 
+    def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ W.T in one go (int8_rows_one_row) at one row; None where x takes the pieces one at a time."""
+        return int8_rows_one_row(x, self) if x.shape[0] == 1 else None
+
 
 class Int8FFN(NamedTuple):
     """A resident file's int8 FFN slices: every slice's w1 [c, dim], then every slice's w3, as one Int8Rows
@@ -182,6 +186,10 @@ class Int8FFN(NamedTuple):
         """(w1, w3, w2) of each slice, as a file view's "ffn" yields them."""
         n = len(self.down)
         return list(zip(self.up.pieces[:n], self.up.pieces[n:], self.down))
+
+    def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The FFN of x in one go (int8_ffn_one_row) at one row; None where x takes the slices one at a time."""
+        return int8_ffn_one_row(x, self) if x.shape[0] == 1 else None
 
 
 def weight_scale(w: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -248,11 +256,15 @@ class Int4Rows(NamedTuple):
         bounds = list(itertools.accumulate(self.rows, initial=0))
         return [Int4Weight(self.whole.packed[a:b], self.whole.sz[:, a:b]) for a, b in zip(bounds, bounds[1:])]
 
+    def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ W.T in one call of torch's int4 kernel below int4_kernel_rows; None where tiles are requantized."""
+        return qlinear(x, self.whole) if x.shape[0] < int4_kernel_rows() else None
+
 
 class Int4FFN(NamedTuple):
     """A resident file's int4 FFN slices joined once: every slice's w1, then every slice's w3, as one matrix
     [2 * hidden, dim], and w2 whole [dim, hidden]. Where torch's int4 kernel runs, two calls of it
-    (int4_ffn_whole) instead of three a slice: the 8B's FFN at one row took 2.4 against 2.9 ms a block (j1.py),
+    (at_once) instead of three a slice: the 8B's FFN at one row took 2.4 against 2.9 ms a block (j1.py),
     joining w2 alone 2.7 (j4.py); its [4096, 1024] slices are the slowest shape the kernel reads. w2 then sums the
     whole hidden dim at once, rounding once where the slices round each partial product (0.4% of the largest
     output apart, j3.py). Where tiles are requantized, the slices again (`slices`), with the streamed slices'
@@ -271,6 +283,19 @@ class Int4FFN(NamedTuple):
             yield (Int4Weight(self.up.packed[j:j + c], self.up.sz[:, j:j + c]),
                    Int4Weight(self.up.packed[hidden + j:hidden + j + c], self.up.sz[:, hidden + j:hidden + j + c]),
                    Int4Weight(blocks[:, j:j + c].contiguous().view(dim, c // 2), self.down.sz[j // g:(j + c) // g]))
+
+    def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
+        """model.feed_forward below int4_kernel_rows: [w1; w3] in one call of torch's int4 kernel, then w2 in
+        another; None where tiles are requantized."""
+        if x.shape[0] >= int4_kernel_rows():
+            return None
+        u = qlinear(x, self.up)
+        hidden = u.shape[1] // 2
+        return qlinear(torch.nn.functional.silu(u[:, :hidden]) * u[:, hidden:], self.down)
+
+
+JOINED_ROWS = (Int8Rows, Int4Rows)  # a resident file's row pieces joined: at_once(x), else .pieces
+JOINED_FFN = (Int8FFN, Int4FFN)  # its FFN slices joined: at_once(x), else .slices
 
 
 def int4_rows_joinable(pieces: list[Int4Weight]) -> bool:
@@ -317,15 +342,6 @@ def join_int4_columns(pieces: list[Int4Weight], done=lambda i: None) -> Int4Weig
         done(i)
         k += n
     return Int4Weight(packed, sz)
-
-
-def int4_ffn_whole(x: torch.Tensor, w: Int4FFN) -> torch.Tensor:
-    """model.feed_forward on joined int4 slices, below int4_kernel_rows: [w1; w3] in one call of torch's int4
-    kernel, then w2 in another."""
-    u = torch._weight_int4pack_mm_for_cpu(x, w.up.packed, w.up.group, w.up.sz.to(x.dtype))
-    hidden = u.shape[1] // 2
-    h = torch.nn.functional.silu(u[:, :hidden]) * u[:, hidden:]
-    return torch._weight_int4pack_mm_for_cpu(h, w.down.packed, w.down.group, w.down.sz.to(x.dtype))
 
 
 def int4_kernel_rows() -> int:
