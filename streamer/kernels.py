@@ -28,9 +28,12 @@ import math
 import os
 import shutil
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 _COMPILED = contextvars.ContextVar("streamer_compiled_kernels", default=None)
 _compiled: dict = {}
@@ -97,7 +100,8 @@ def warm_up(dim: int, dtype: torch.dtype, heads: tuple[int, int, int] | None = N
         sp, zp = (torch.zeros(inp // g, out)[:, :rows] for _ in range(2))  # a tile's columns
         int4_int8_tile(torch.zeros(rows, inp // 2, dtype=torch.uint8), sp, zp, torch.empty(inp, rows, dtype=torch.int8))
     x, w = torch.zeros(dim, dtype=dtype), torch.zeros(16, dim, dtype=dtype)
-    compiled_gemv(w, x)
+    if native.gemv_bf16(w, x) is None:  # builds the native library, or else compiles inductor's
+        compiled_gemv(w, x)
     if heads:
         H, KV, hd = heads
         many = _apart(2, {H, KV, hd})
@@ -134,6 +138,8 @@ def linear_one_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [1, in] @ weight.T -> [1, out]."""
     if _COMPILED.get() is None or weight.dtype != x.dtype:
         return F.linear(x, weight.to(x.dtype))
+    if (y := native.gemv_bf16(weight, x[0])) is not None:
+        return y[None]
     return compiled_gemv(weight, x[0])[None]
 
 
@@ -161,3 +167,62 @@ def int4_int8_tile(packed: torch.Tensor, sp: torch.Tensor, zp: torch.Tensor, out
     the buffer reused (four pairs of processes, m2_into.py, the bf16 tiles)."""
     _get(_int4_int8_tile_into, dynamic=False)(packed, sp, zp, out)
     return out
+
+
+class DenseRows(NamedTuple):
+    """A resident file's bf16 row pieces W = [W0; W1; ...] (wqkv, wo, the head's output), with what one native
+    call needs to take them all at one row (native.table)."""
+    pieces: list[torch.Tensor]
+    table: torch.Tensor
+    rows: int
+
+    def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [1, in] @ W.T in one native call, each row as linear_one_row gives it; None where x takes the pieces
+        one at a time: more rows, outside use_compiled(True), or no native kernels."""
+        if x.shape[0] != 1 or _COMPILED.get() is None:
+            return None
+        y = torch.empty(1, self.rows, dtype=x.dtype)
+        return y if native.gemv_pieces(self.table, x[0].contiguous(), y) else None
+
+
+class DenseFFN(NamedTuple):
+    """A resident file's bf16 FFN slices (w1 [c, dim], w3 [c, dim], w2 [dim, c] each), with what two native calls
+    need to take them all at one row: every w1 then every w3 (up), and every w2 with one output row each (down)."""
+    slices: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    up: torch.Tensor
+    down: torch.Tensor
+
+    def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
+        """model.feed_forward of x [1, dim] with the same numbers, every slice's products in two native calls; None
+        where x takes the slices one at a time, as DenseRows.at_once."""
+        if x.shape[0] != 1 or _COMPILED.get() is None:
+            return None
+        n, dim = len(self.slices), x.shape[1]
+        a = torch.empty(2 * sum(w1.shape[0] for w1, _, _ in self.slices), dtype=x.dtype)
+        if not native.gemv_pieces(self.up, x[0].contiguous(), a):
+            return None
+        h = (F.silu(a[:a.shape[0] // 2]) * a[a.shape[0] // 2:]).view(n, -1)
+        parts = torch.empty(n, dim, dtype=x.dtype)
+        native.gemv_pieces(self.down, h, parts)
+        y = torch.zeros(1, dim, dtype=torch.float32)
+        for part in parts:  # added up in slice order, as the slices' partial products are
+            y += part
+        return y.to(x.dtype)
+
+
+def dense_rows(pieces: list[torch.Tensor]) -> DenseRows | None:
+    """pieces as DenseRows, or None where the native kernels cannot take them (not bf16)."""
+    if pieces[0].dtype != torch.bfloat16 or (tab := native.table(pieces)) is None:
+        return None
+    return DenseRows(pieces, tab, sum(w.shape[0] for w in pieces))
+
+
+def dense_ffn(slices: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> DenseFFN | None:
+    """slices as DenseFFN, or None where the native kernels cannot take them."""
+    up = [t[0] for t in slices] + [t[1] for t in slices]
+    down = [t[2] for t in slices]
+    if up[0].dtype != torch.bfloat16 or (tu := native.table(up)) is None:
+        return None
+    if (td := native.table(down, [j * down[0].shape[0] for j in range(len(down))])) is None:
+        return None
+    return DenseFFN(slices, tu, td)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import kernels
+from . import kernels, native
 
 SCHEMES = ("int8", "int4")
 GROUP = 64
@@ -154,13 +154,21 @@ def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x @ W.T with x quantized per row (quantize_rows): exact int32 sums of int8 products, then
     (sum * weight scale) * row scale in float32, rounded to x's dtype once (weight_scale, _scaled).
-    One row takes torch._int_mm(x, W.T); more take it as (W @ x.T).T, 1.1-3.4x faster there, and the product is
+    One row takes int8_one_row; more take it as (W @ x.T).T, 1.1-3.4x faster there, and the product is
     exact either way."""
     xq, sx = _rows_of(x)
     sw = weight_scale(w, x.dtype)
     if x.shape[0] == 1:
-        return _scaled(torch._int_mm(xq, w.q.t()), sw, sx, x.dtype)
+        return _scaled(int8_one_row(xq, w.q, torch.empty(1, w.q.shape[0], dtype=torch.int32)), sw, sx, x.dtype)
     return _scaled(torch._int_mm(w.q, xq.t()), sw[:, None], sx.t(), x.dtype).t().contiguous()
+
+
+def int8_one_row(xq: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [1, rows] int32 = xq [1, in] @ q.T, exact: the native kernel where it runs (native.gemv_int8, the same
+    sums, read faster), else torch._int_mm."""
+    if not native.gemv_int8(xq[0], q, out[0]):
+        torch._int_mm(xq, q.t(), out=out)
+    return out
 
 
 class Int8Rows(NamedTuple):
@@ -168,6 +176,7 @@ class Int8Rows(NamedTuple):
     pieces' scales joined once (weight_scale)."""
     pieces: list[Int8Weight]
     scale: torch.Tensor  # [out] float32
+    table: torch.Tensor | None = None  # the pieces for native.gemv_pieces, one after another
 
     def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
         """x @ W.T in one go (int8_rows_one_row) at one row; None where x takes the pieces one at a time."""
@@ -180,6 +189,7 @@ class Int8FFN(NamedTuple):
     up: Int8Rows
     down: list[Int8Weight]
     s2: torch.Tensor
+    table: torch.Tensor | None = None  # the slices' w2 for native.gemv_pieces, one output row each
 
     @property
     def slices(self) -> list[tuple[Int8Weight, Int8Weight, Int8Weight]]:
@@ -206,12 +216,14 @@ def _scaled(acc: torch.Tensor, sw: torch.Tensor, sx: torch.Tensor, dtype: torch.
 
 
 def joined_rows(pieces: list[Int8Weight], dtype: torch.dtype) -> Int8Rows:
-    return Int8Rows(pieces, torch.cat([weight_scale(w, dtype) for w in pieces]))
+    return Int8Rows(pieces, torch.cat([weight_scale(w, dtype) for w in pieces]), native.table([w.q for w in pieces]))
 
 
 def joined_ffn(slices: list[tuple[Int8Weight, Int8Weight, Int8Weight]], dtype: torch.dtype) -> Int8FFN:
-    return Int8FFN(joined_rows([t[0] for t in slices] + [t[1] for t in slices], dtype), [t[2] for t in slices],
-                   torch.stack([weight_scale(t[2], dtype) for t in slices]))
+    down = [t[2] for t in slices]
+    return Int8FFN(joined_rows([t[0] for t in slices] + [t[1] for t in slices], dtype), down,
+                   torch.stack([weight_scale(w, dtype) for w in down]),
+                   native.table([w.q for w in down], [j * w.q.shape[0] for j, w in enumerate(down)]))
 
 
 def int8_rows_one_row(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
@@ -221,8 +233,10 @@ def int8_rows_one_row(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
     --cases membw,resident`, 2 rounds)."""
     xq, sx = _rows_of(x)
     acc, a = torch.empty(1, w.scale.shape[0], dtype=torch.int32), 0
+    if w.table is not None and native.gemv_pieces(w.table, xq[0], acc):
+        return _scaled(acc, w.scale, sx, x.dtype)
     for p in w.pieces:
-        torch._int_mm(xq, p.q.t(), out=acc[:, a:a + p.q.shape[0]])
+        int8_one_row(xq, p.q, acc[:, a:a + p.q.shape[0]])
         a += p.q.shape[0]
     return _scaled(acc, w.scale, sx, x.dtype)
 
@@ -236,8 +250,9 @@ def int8_ffn_one_row(x: torch.Tensor, w: Int8FFN) -> torch.Tensor:
     hidden = a.shape[1] // 2
     hq, sh = quantize_rows((torch.nn.functional.silu(a[:, :hidden]) * a[:, hidden:]).view(len(w.down), -1))
     acc = torch.empty(len(w.down), x.shape[1], dtype=torch.int32)
-    for j, w2 in enumerate(w.down):
-        torch._int_mm(hq[j:j + 1], w2.q.t(), out=acc[j:j + 1])
+    if w.table is None or not native.gemv_pieces(w.table, hq, acc):
+        for j, w2 in enumerate(w.down):
+            int8_one_row(hq[j:j + 1], w2.q, acc[j:j + 1])
     y = torch.zeros(1, x.shape[1], dtype=torch.float32)
     for part in _scaled(acc, w.s2, sh, x.dtype):
         y += part
@@ -294,8 +309,8 @@ class Int4FFN(NamedTuple):
         return qlinear(torch.nn.functional.silu(u[:, :hidden]) * u[:, hidden:], self.down)
 
 
-JOINED_ROWS = (Int8Rows, Int4Rows)  # a resident file's row pieces joined: at_once(x), else .pieces
-JOINED_FFN = (Int8FFN, Int4FFN)  # its FFN slices joined: at_once(x), else .slices
+JOINED_ROWS = (Int8Rows, Int4Rows, kernels.DenseRows)  # a resident file's row pieces joined: at_once(x), else .pieces
+JOINED_FFN = (Int8FFN, Int4FFN, kernels.DenseFFN)  # its FFN slices joined: at_once(x), else .slices
 
 
 def int4_rows_joinable(pieces: list[Int4Weight]) -> bool:

@@ -53,6 +53,18 @@ def llama3_tiny(tmp_path_factory, tokenizer_path) -> Path:
     return root / "layers"
 
 
+def resident_in_pieces(tmp_path, monkeypatch, scheme: str | None, dt):
+    """A runner holding every file of a small split in RAM (quantized by `scheme`, or bf16 where None), its
+    matrices stored in several pieces; the split is at tmp_path / (scheme or "bf16")."""
+    from streamer import ModelFiles, Runner, layout
+    monkeypatch.setattr(layout, "PIECE_BYTES", 16 << 10)  # int8: wqkv in 4 pieces, wo 2, the head 8
+    monkeypatch.setattr(layout, "FFN_PIECE_ROWS", 64)  # 7 FFN slices of 64
+    make_split(tmp_path, {**GQA, "dim": 128, "n_heads": 4}, dtype=torch.float32 if scheme else torch.bfloat16)
+    split(tmp_path / "meta", tmp_path / (scheme or "bf16"), quantize=scheme)
+    files = ModelFiles(tmp_path / (scheme or "bf16"))
+    return Runner(files, dt, resident=files.step_files())
+
+
 def stream(folder: Path, prompt: list[int], n: int, dtype=torch.float32, kv_dir=None, runner_kw=None, compile=False,
            kv_cache="auto", draft=None, draft_tokens=8, draft_branches=4, **kw):
     """Greedy generation through the Engine (streamed or resident runner; KV cache placed by the plan, or on

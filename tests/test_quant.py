@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import GQA, STORIES, make_split, stream
+from conftest import GQA, STORIES, make_split, resident_in_pieces, stream
 from streamer import MemoryKVCache, ModelFiles, Runner, model, quant
 from streamer.layout import MANIFEST
 from streamer.quant import (Int4Weight, Int8Weight, int4_as_int8_t, int4_codes_t, int4_group, int4_int8_scales,
@@ -157,24 +157,13 @@ def test_resident_scales_converted_once_give_the_same_output(tmp_path, scheme):
     assert [p.logprob for p in resident] == [p.logprob for p in streamed]
 
 
-def _resident_in_pieces(tmp_path, monkeypatch, scheme: str, dt) -> Runner:
-    """A runner holding every file of a small `scheme` split in RAM, its matrices stored in several pieces."""
-    from streamer import layout
-    monkeypatch.setattr(layout, "PIECE_BYTES", 16 << 10)  # wqkv in 4 pieces, wo 2, the head 8
-    monkeypatch.setattr(layout, "FFN_PIECE_ROWS", 64)  # 7 FFN slices of 64
-    make_split(tmp_path, {**GQA, "dim": 128, "n_heads": 4})
-    split(tmp_path / "meta", tmp_path / scheme, quantize=scheme)
-    files = ModelFiles(tmp_path / scheme)
-    return Runner(files, dt, resident=files.step_files())
-
-
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
 def test_resident_int4_pieces_joined_into_whole_matrices(tmp_path, monkeypatch, dt):
     """A resident int4 file copies its row pieces (wqkv, wo, the head) and FFN slices into whole matrices, giving
     back the pages they came from: one call of torch's int4 kernel each below int4_kernel_rows, with the streamed
     pieces' numbers (w2 aside: one rounding of the whole hidden dim's sum, not one a slice), and from there views
     of the same codes, with the streamed pieces' very bits."""
-    runner = _resident_in_pieces(tmp_path, monkeypatch, "int4", dt)
+    runner = resident_in_pieces(tmp_path, monkeypatch, "int4", dt)
     block, head = runner.views["block_000.safetensors"], runner.views["head.safetensors"]
     assert set(block.joined) == {"wqkv", "wo", "ffn"} and set(head.joined) == {"output"}
     assert (len(block.joined["wqkv"].rows), len(block.joined["wo"].rows), len(head.joined["output"].rows)) == (4, 2, 8)
@@ -205,7 +194,7 @@ def test_resident_int4_pieces_joined_into_whole_matrices(tmp_path, monkeypatch, 
 def test_resident_int8_pieces_joined_give_the_same_output(tmp_path, monkeypatch, dt):
     """A resident int8 file takes one row's products of all row pieces (wqkv, wo, the head) and all FFN slices
     with one epilogue each (quant.Int8Rows, Int8FFN); streamed pieces take one each. The same numbers, bit for bit."""
-    runner = _resident_in_pieces(tmp_path, monkeypatch, "int8", dt)
+    runner = resident_in_pieces(tmp_path, monkeypatch, "int8", dt)
     block, head = runner.views["block_000.safetensors"], runner.views["head.safetensors"]
     assert set(block.joined) == {"wqkv", "wo", "ffn"}
     assert (len(block.joined["wqkv"].pieces), len(block.joined["wo"].pieces)) == (4, 2)

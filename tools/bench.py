@@ -113,9 +113,12 @@ def memory_read_rate(nbytes: int = 4 << 30, reps: int = 3) -> float:
 def gemv_rates(shapes: list[tuple[int, int]], total: int = 1 << 30) -> dict:
     """GB/s of each one-row matmul kernel on bf16 weights of these shapes, `total` bytes of them (so not cached)."""
     import torch.nn.functional as F
+    from streamer import native
     from streamer.kernels import compiled_gemv
     kernels = {"torch.mv": lambda w, x: torch.mv(w, x[0]), "F.linear": F.linear,
                "compiled": lambda w, x: compiled_gemv(w, x[0])}
+    if native.available():
+        kernels["native"] = lambda w, x: native.gemv_bf16(w, x[0])
     out = {}
     for o, i in shapes:
         ws = [torch.randn(o, i).to(torch.bfloat16) for _ in range(max(1, total // (2 * o * i)))]

@@ -1,0 +1,107 @@
+"""The native one-row kernels (native.c): int8 sums exactly torch._int_mm's, bf16 within its output's rounding of
+float32's, on odd shapes, strided rows and many pieces at once; a resident bf16 file's products in one call are its
+streamed pieces' own; without the library every caller takes torch's kernels, and a failed build says why."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import resident_in_pieces, stream
+from streamer import kernels, native, quant
+from streamer.kernels import can_compile
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"no native kernels: {native.why_not}")
+SHAPES = [(1, 1), (5, 33), (16, 64), (7, 100), (1030, 4097)]  # tails of every length, a row block cut short
+
+
+@needs_native
+@pytest.mark.parametrize("out,inp", SHAPES)
+def test_int8_gemv_sums_exactly(out, inp):
+    torch.manual_seed(0)
+    w = torch.randint(-128, 128, (out, inp + 5), dtype=torch.int8)[:, 2:inp + 2]  # rows at a stride, -128 too
+    x = torch.randint(-128, 128, (inp,), dtype=torch.int8)
+    got = torch.empty(out, dtype=torch.int32)
+    assert native.gemv_int8(x, w, got)
+    assert torch.equal(got.long(), w.long() @ x.long())
+
+
+@needs_native
+@pytest.mark.parametrize("out,inp", SHAPES)
+def test_bf16_gemv_is_linear(out, inp):
+    torch.manual_seed(0)
+    w = torch.randn(out, inp + 3).bfloat16()[:, 1:inp + 1]
+    x = torch.randn(inp).bfloat16()
+    got = native.gemv_bf16(w, x)
+    assert got.dtype == torch.bfloat16 and got.shape == (out,)
+    want = F.linear(x.float(), w.float())  # float32 products and sums, as the kernel's
+    torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=8e-3 * float(want.abs().max()) + 1e-6)
+
+
+@needs_native
+def test_pieces_in_one_call_are_each_pieces_own():
+    """Pieces of several row counts in one call give each piece's own products, bf16 bit for bit; int8 with an
+    input of their own each, written where the table says."""
+    torch.manual_seed(0)
+    pieces = [torch.randn(r, 96).bfloat16() for r in (3, 64, 5, 1)]
+    x = torch.randn(96).bfloat16()
+    y = torch.empty(73, dtype=torch.bfloat16)
+    assert native.gemv_pieces(native.table(pieces), x, y)
+    assert torch.equal(y, torch.cat([native.gemv_bf16(w, x) for w in pieces]))
+    ws = [torch.randint(-128, 128, (40, 70), dtype=torch.int8) for _ in range(3)]
+    xs = torch.randint(-128, 128, (3, 70), dtype=torch.int8)
+    acc = torch.full((3, 50), -1, dtype=torch.int32)  # rows of 50: each piece's 40 at the start of its own
+    assert native.gemv_pieces(native.table(ws, [0, 50, 100]), xs, acc)
+    for j, w in enumerate(ws):
+        assert torch.equal(acc[j, :40].long(), w.long() @ xs[j].long()) and (acc[j, 40:] == -1).all()
+
+
+def test_without_the_library_callers_take_torch(monkeypatch):
+    """STREAMER_NATIVE=0: no library, and why; the int8 one-row product is torch._int_mm's, exact as before."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "why_not", None)
+    monkeypatch.setenv("STREAMER_NATIVE", "0")
+    assert native.library() is None and native.why_not == "STREAMER_NATIVE=0"
+    w, x = torch.randint(-127, 128, (32, 64), dtype=torch.int8), torch.randint(-127, 128, (1, 64), dtype=torch.int8)
+    assert native.gemv_bf16(torch.zeros(4, 64).bfloat16(), torch.zeros(64).bfloat16()) is None
+    assert not native.gemv_int8(x[0], w, torch.empty(32, dtype=torch.int32))
+    got = quant.int8_one_row(x, w, torch.empty(1, 32, dtype=torch.int32))
+    assert torch.equal(got[0].long(), w.long() @ x[0].long())
+
+
+def test_a_failed_build_says_why_and_leaves_nothing(monkeypatch, tmp_path):
+    if missing := [f for f in native.CPU_FLAGS if f not in native._cpu_flags()]:
+        pytest.skip(f"the CPU lacks {missing}: no build is tried")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "why_not", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    assert native.library() is None and native.why_not.startswith("false could not build native.c")
+    assert list((tmp_path / "streamer").iterdir()) == []
+
+
+@needs_native
+def test_a_build_lands_whole_in_the_users_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "why_not", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native.library() is not None
+    built = list((tmp_path / "streamer").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("native-") and built[0].suffix == ".so"
+
+
+@needs_native
+@pytest.mark.skipif(not can_compile(), reason="inductor needs a C++ compiler")
+def test_resident_bf16_pieces_in_one_native_call_give_the_streamed_output(tmp_path, monkeypatch):
+    """A resident bf16 file takes one row's products of all its row pieces (wqkv, wo, the head) in one native
+    call each, and of all FFN slices in two (kernels.DenseRows, DenseFFN); streamed pieces take a call each. The
+    same numbers, bit for bit."""
+    runner = resident_in_pieces(tmp_path, monkeypatch, None, torch.bfloat16)
+    block, head = runner.views["block_000.safetensors"], runner.views["head.safetensors"]
+    assert isinstance(block.joined["wqkv"], kernels.DenseRows) and len(block.joined["wqkv"].pieces) > 1
+    assert isinstance(head.joined["output"], kernels.DenseRows) and len(head.joined["output"].pieces) > 1
+    assert isinstance(block.joined["ffn"], kernels.DenseFFN) and len(block.joined["ffn"].slices) == 7
+    runner.close()
+    resident, _ = stream(tmp_path / "bf16", [1, 2, 3], 8, dtype=torch.bfloat16, compile=True)
+    streamed, _ = stream(tmp_path / "bf16", [1, 2, 3], 8, dtype=torch.bfloat16, compile=True,
+                         runner_kw={"resident": []})
+    assert [p.token for p in resident] == [p.token for p in streamed]
+    assert [p.logprob for p in resident] == [p.logprob for p in streamed]
