@@ -102,7 +102,7 @@ def warm_up(dim: int, dtype: torch.dtype, heads: tuple[int, int, int] | None = N
     x, w = torch.zeros(dim, dtype=dtype), torch.zeros(16, dim, dtype=dtype)
     if native.gemv_bf16(w, x) is None:  # builds the native library, or else compiles inductor's
         compiled_gemv(w, x)
-    if heads:
+    if heads and not native.can_attend(dtype, heads[2]):  # else decode attention is native too
         H, KV, hd = heads
         many = _apart(2, {H, KV, hd})
         S = _apart(many + 1, {H, KV, hd})  # positions read, of a longer cache row
@@ -144,9 +144,12 @@ def linear_one_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.Tensor) -> torch.Tensor | None:
-    """model.attend_decode compiled, or None outside use_compiled(True)."""
+    """model.attend_decode compiled (natively where native.attend_bf16 takes it), or None outside
+    use_compiled(True)."""
     if _COMPILED.get() is None:
         return None
+    if (out := native.attend_bf16(q, k, v, ends)) is not None:
+        return out
     return _get(_decode_attention)(q, k, v, ends)
 
 

@@ -4,6 +4,7 @@
  * threads. Each thread takes every output row of its share, 4 rows at a time, each row's products summed
  * in its own accumulator along the whole input: 2 or 8 rows at a time read slower (k3.py). */
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -124,4 +125,54 @@ void gemv_int8(int n, const void *const *w, const int64_t *ld, const int64_t *ro
             rows_int8((const int8_t *)w[j] + row * ld[j], ld[j], x + j * xs, y + yoff[j] + row, r, in, sx[j]);
     }
     free(sx);
+}
+
+/* bf16 [n] to float32, exactly */
+static inline __m512 bf16_load(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* Decode attention of D sequences, one new token each, as kernels._decode_attention computes it: q [D, H, hd]
+ * (contiguous); sequence d's keys and values at k + d * sd + s * ss + g * sg (and v alike) for positions
+ * s < ends[d] and kv heads g; query head h reads kv head h / (H / KV). Scores, softmax and the weighted sum of
+ * values in float32, rounded to bf16 once, into out [D, H * hd]. hd % 16 == 0. The threads split the (sequence,
+ * kv head) pairs. */
+void attend_bf16(int D, int H, int KV, int hd, const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t sd,
+                 int64_t ss, int64_t sg, const int64_t *ends, uint16_t *out, float scale, int threads) {
+    int64_t most = 0;
+    for (int d = 0; d < D; d++)
+        most = ends[d] > most ? ends[d] : most;
+#pragma omp parallel num_threads(threads)
+    {
+        float *p = malloc(sizeof(float) * (most > 0 ? most : 1)), acc[512];
+#pragma omp for schedule(static)
+        for (int dg = 0; dg < D * KV; dg++) {
+            int d = dg / KV, g = dg % KV;
+            int64_t end = ends[d];
+            const uint16_t *kd = k + d * sd + g * sg, *vd = v + d * sd + g * sg;
+            for (int h = g * (H / KV); h < (g + 1) * (H / KV); h++) {
+                const uint16_t *qh = q + ((int64_t)d * H + h) * hd;
+                float top = -INFINITY, sum = 0;
+                for (int64_t s = 0; s < end; s++) {
+                    __m512 dot = _mm512_setzero_ps();
+                    for (int i = 0; i < hd; i += 16)
+                        dot = _mm512_fmadd_ps(bf16_load(kd + s * ss + i), bf16_load(qh + i), dot);
+                    p[s] = _mm512_reduce_add_ps(dot) * scale;
+                    top = p[s] > top ? p[s] : top;
+                }
+                for (int64_t s = 0; s < end; s++)
+                    sum += (p[s] = expf(p[s] - top));
+                for (int i = 0; i < hd; i++)
+                    acc[i] = 0;
+                for (int64_t s = 0; s < end; s++) {
+                    __m512 w = _mm512_set1_ps(p[s] / sum);
+                    for (int i = 0; i < hd; i += 16)
+                        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(w, bf16_load(vd + s * ss + i), _mm512_loadu_ps(acc + i)));
+                }
+                for (int i = 0; i < hd; i++)
+                    out[((int64_t)d * H + h) * hd + i] = bf16_round(acc[i]);
+            }
+        }
+        free(p);
+    }
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -67,7 +68,7 @@ def _load() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # built aside, renamed when whole
         os.close(fd)
         try:
-            done = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            done = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
             if done.returncode:
                 raise _Unavailable(f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-500:]}")
             os.replace(tmp, path)
@@ -79,6 +80,8 @@ def _load() -> ctypes.CDLL:
     for fn in (lib.gemv_bf16, lib.gemv_int8):  # n, w, ld, rows, yoff, x, xs, y, in, threads (native.c)
         fn.argtypes = [ctypes.c_int, p, p, p, p, p, i64, p, i64, ctypes.c_int]
         fn.restype = None
+    lib.attend_bf16.argtypes = [ctypes.c_int] * 4 + [p] * 3 + [i64] * 3 + [p, p, ctypes.c_float, ctypes.c_int]
+    lib.attend_bf16.restype = None
     return lib
 
 
@@ -143,3 +146,24 @@ def gemv_int8(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
             or out.dtype != torch.int32 or not out.is_contiguous() or (tab := table([w])) is None):
         return False
     return gemv_pieces(tab, x.contiguous(), out)
+
+
+def can_attend(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether attend_bf16 takes decode attention of this dtype and head size (given the library)."""
+    return dtype == torch.bfloat16 and head_dim % 16 == 0 and head_dim <= 512 and available()
+
+
+def attend_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.Tensor) -> torch.Tensor | None:
+    """kernels._decode_attention's math on q [D, H, hd] and k, v [D, S, KV, hd] (views of one cache, the same
+    strides), sequence d reading positions [0, ends[d]): float32 throughout, rounded to bf16 once -> [D, H * hd].
+    None where the native kernel cannot take them."""
+    D, H, hd = q.shape
+    KV = k.shape[2]
+    if (q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype or not can_attend(q.dtype, hd)
+            or k.stride() != v.stride() or k.stride(3) != 1 or H % KV):
+        return None
+    q, ends = q.contiguous(), ends.to(torch.int64).contiguous()
+    out = torch.empty(D, H * hd, dtype=q.dtype)
+    library().attend_bf16(D, H, KV, hd, q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+                          k.stride(2), ends.data_ptr(), out.data_ptr(), 1 / math.sqrt(hd), torch.get_num_threads())
+    return out

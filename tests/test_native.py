@@ -105,3 +105,17 @@ def test_resident_bf16_pieces_in_one_native_call_give_the_streamed_output(tmp_pa
                          runner_kw={"resident": []})
     assert [p.token for p in resident] == [p.token for p in streamed]
     assert [p.logprob for p in resident] == [p.logprob for p in streamed]
+
+
+@needs_native
+@pytest.mark.parametrize("D,H,KV,hd,S", [(1, 32, 8, 128, 17), (3, 8, 2, 64, 40), (2, 4, 4, 16, 5)])
+def test_decode_attention_is_the_compiled_kernels_math(D, H, KV, hd, S):
+    """On views of a longer cache, each sequence reading its own positions: the float32 math of
+    kernels._decode_attention, within the output's bf16 rounding."""
+    torch.manual_seed(0)
+    kv = torch.randn(2, D + 1, S + 7, KV, hd).bfloat16()[:, 1:, :S]
+    q, ends = torch.randn(D, H, hd).bfloat16(), torch.tensor([S - j for j in range(D)])
+    got = native.attend_bf16(q, kv[0], kv[1], ends)
+    want = kernels._decode_attention(q, kv[0], kv[1], ends)
+    assert got.shape == (D, H * hd) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-3)
