@@ -1,14 +1,23 @@
-/* One-row matmuls of resident decode, written for AVX-512 (BF16 and VNNI): reading the weights is their whole
- * cost, and these read them faster than torch's kernels do here (native.py gives the figures). Built by native.py
- * at first use with -fopenmp; its OpenMP runtime is then the one torch has loaded, so the two share one pool of
- * threads. Each thread takes every output row of its share, 4 rows at a time, each row's products summed
- * in its own accumulator along the whole input: 2 or 8 rows at a time read slower (k3.py). */
+/* Resident decode's one-row matmuls (bf16, int8, int4) and decode attention, written for AVX-512 (BF16, VNNI,
+ * VBMI): reading the weights is their whole cost, and these read them faster than torch's kernels do here
+ * (native.py gives the figures). Built by native.py at first use with -fopenmp; its OpenMP runtime is then the one
+ * torch has loaded, so the two share one pool of threads. A thread takes its share of output rows 4 at a time
+ * (64 for int4), each row's products summed in its own accumulator along the whole input: 2 or 8 rows at a time
+ * read slower (k3.py). */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* bfloat16 to float, exactly */
+static inline float bf16_float(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
 
 /* float to bfloat16, rounding to nearest even as torch does (NaN stays NaN) */
 static inline uint16_t bf16_round(float f) {
@@ -175,4 +184,83 @@ void attend_bf16(int D, int H, int KV, int hd, const uint16_t *q, const uint16_t
         }
         free(p);
     }
+}
+
+/* One row's int4 product on torch's CPU int4 layout (quant.py: torch._convert_weight_to_int4pack_for_cpu), with x
+ * quantized to int8 a group at a time, as llama.cpp's Q4_0 x Q8_0 products are: packed [rows, in / 2] uint8 holds,
+ * for each block of 64 rows and each input k, 32 bytes: row i's code in byte i's low nibble, row 32 + i's in its
+ * high one. sz [in / group, rows, 2] bf16 holds each group's scale and zero: w = (q - 8) * scale + zero. So
+ * y[n] = sum over groups g of scale * sx_g * sum_k (q - 8) xq_k + zero * sum_k x_k, with xq = round(x / sx_g), the
+ * integer sums exact (VNNI, 4 inputs of a row per 32-bit lane, gathered by one byte permute per 16 rows), rounded
+ * to bf16 once. rows % 64 == 0, group % 4 == 0, in % group == 0, group <= in. */
+void gemv_int4(const uint8_t *packed, const uint16_t *sz, const uint16_t *x, uint16_t *y, int64_t rows, int64_t in,
+               int64_t group, int threads) {
+    int64_t groups = in / group;
+    int8_t *xq = malloc(in);
+    float *sx = malloc(sizeof(float) * groups * 3), *xsum = sx + groups, *qsum = sx + 2 * groups;
+    for (int64_t g = 0; g < groups; g++) {
+        float top = 0, sum = 0;
+        int32_t isum = 0;
+        for (int64_t k = g * group; k < (g + 1) * group; k++) {
+            float v = bf16_float(x[k]);
+            top = fabsf(v) > top ? fabsf(v) : top;
+            sum += v;
+        }
+        sx[g] = top / 127;
+        for (int64_t k = g * group; k < (g + 1) * group; k++) {
+            xq[k] = top > 0 ? (int8_t)nearbyintf(bf16_float(x[k]) / sx[g]) : 0;
+            isum += xq[k];
+        }
+        xsum[g] = sum;
+        qsum[g] = (float)(8 * isum);  /* the -8 of every code, times this group's xq */
+    }
+    /* lane r of a permuted vector: the codes of row r (first 16) or 16 + r for inputs k..k+3: bytes k, k+1 of the
+     * first vector (its two halves), k+2, k+3 of the second (indices 64.. in the permute) */
+    uint8_t lo_idx[64], hi_idx[64];
+    for (int r = 0; r < 16; r++)
+        for (int j = 0; j < 4; j++) {
+            lo_idx[4 * r + j] = (uint8_t)((j / 2) * 64 + (j % 2) * 32 + r);
+            hi_idx[4 * r + j] = (uint8_t)((j / 2) * 64 + (j % 2) * 32 + 16 + r);
+        }
+    const __m512i ilo = _mm512_loadu_si512(lo_idx), ihi = _mm512_loadu_si512(hi_idx), nib = _mm512_set1_epi8(0x0f);
+    const __m512i zmask = _mm512_set1_epi32((int)0xffff0000);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < rows / 64; b++) {
+        const uint8_t *pb = packed + b * 64 * (in / 2);
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t g = 0; g < groups; g++) {
+            __m512i sum[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                              _mm512_setzero_si512()};
+            for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
+                __m512i a = _mm512_loadu_si512(pb + k * 32), c = _mm512_loadu_si512(pb + k * 32 + 64);
+                __m512i alo = _mm512_and_si512(a, nib), clo = _mm512_and_si512(c, nib);
+                __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib);
+                __m512i chi = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);
+                int32_t quad;
+                memcpy(&quad, xq + k, 4);
+                __m512i xv = _mm512_set1_epi32(quad);
+                sum[0] = _mm512_dpbusd_epi32(sum[0], _mm512_permutex2var_epi8(alo, ilo, clo), xv);
+                sum[1] = _mm512_dpbusd_epi32(sum[1], _mm512_permutex2var_epi8(alo, ihi, clo), xv);
+                sum[2] = _mm512_dpbusd_epi32(sum[2], _mm512_permutex2var_epi8(ahi, ilo, chi), xv);
+                sum[3] = _mm512_dpbusd_epi32(sum[3], _mm512_permutex2var_epi8(ahi, ihi, chi), xv);
+            }
+            const uint16_t *s = sz + (g * rows + b * 64) * 2;  /* 64 rows' (scale, zero), 16 rows a vector */
+            for (int q = 0; q < 4; q++) {
+                __m512i pair = _mm512_loadu_si512(s + 32 * q);
+                __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+                __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, zmask));
+                __m512 t = _mm512_sub_ps(_mm512_cvtepi32_ps(sum[q]), _mm512_set1_ps(qsum[g]));
+                acc[q] = _mm512_fmadd_ps(_mm512_mul_ps(scale, _mm512_set1_ps(sx[g])), t, acc[q]);
+                acc[q] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xsum[g]), acc[q]);
+            }
+        }
+        for (int q = 0; q < 4; q++) {
+            float out[16];
+            _mm512_storeu_ps(out, acc[q]);
+            for (int i = 0; i < 16; i++)
+                y[b * 64 + 16 * q + i] = bf16_round(out[i]);
+        }
+    }
+    free(xq);
+    free(sx);
 }

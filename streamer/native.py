@@ -1,11 +1,14 @@
-"""The one-row matmuls of resident decode in native code (native.c, AVX-512 BF16 and VNNI), built with the
-machine's C compiler at first use and kept in the user's cache; where there is no compiler, no such CPU, or
-STREAMER_NATIVE=0, every caller takes torch's kernels instead (`gemv_*` return None / False).
+"""Resident decode's one-row matmuls and decode attention in native code (native.c: AVX-512 BF16, VNNI and
+VBMI), built with the machine's C compiler at first use and kept in the user's cache; where there is no compiler,
+no such CPU, or STREAMER_NATIVE=0, every caller takes torch's kernels instead (`gemv_*` return None / False).
 
-Measured here (2 threads, 8 layers of the 8B's FFN-up [28672, 4096] out of cache, 5-8 rounds, k2.py, k5.py):
+Measured here (2 threads, 8 layers of the 8B's FFN-up [28672, 4096] out of cache, 4-8 rounds):
 - bf16: 68-70 GB/s, against 56-61 for inductor's multiply-and-sum (kernels.compiled_gemv), 71-75 for oneDNN's
-  prepacked weights (which need a repacked private copy of every matrix) and a plain read of 72-80;
-- int8: 57-62 GB/s against torch._int_mm's 49-55, with the very same exact int32 sums.
+  prepacked weights (which need a repacked private copy of every matrix) and a plain read of 72-80 (k2.py);
+- int8: 57-62 GB/s against torch._int_mm's 49-55, with the very same exact int32 sums (k5.py);
+- int4: 60-62 GB/s of codes against torch's int4 kernel's 40-42, x quantized to int8 a group at a time (k13.py);
+- decode attention (bf16): 11 / 75 / 467 us a layer at 16 / 320 / 2048 positions against the compiled
+  kernel's 39 / 114 / 646 (k11.py), so a compiled bf16 run at batch 1 needs no inductor at all.
 Building takes ~0.3 s. The library links the OpenMP runtime torch has already loaded, so the two share threads.
 """
 from __future__ import annotations
@@ -23,8 +26,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native.c")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")  # as /proc/cpuinfo names them
-CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512vbmi")  # as /proc/cpuinfo names them
+CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-mavx512vbmi", "-fopenmp", "-shared", "-fPIC")
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -80,6 +83,8 @@ def _load() -> ctypes.CDLL:
     for fn in (lib.gemv_bf16, lib.gemv_int8):  # n, w, ld, rows, yoff, x, xs, y, in, threads (native.c)
         fn.argtypes = [ctypes.c_int, p, p, p, p, p, i64, p, i64, ctypes.c_int]
         fn.restype = None
+    lib.gemv_int4.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]
+    lib.gemv_int4.restype = None
     lib.attend_bf16.argtypes = [ctypes.c_int] * 4 + [p] * 3 + [i64] * 3 + [p, p, ctypes.c_float, ctypes.c_int]
     lib.attend_bf16.restype = None
     return lib
@@ -167,3 +172,19 @@ def attend_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.T
     library().attend_bf16(D, H, KV, hd, q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
                           k.stride(2), ends.data_ptr(), out.data_ptr(), 1 / math.sqrt(hd), torch.get_num_threads())
     return out
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor | None:
+    """x [in] bf16 @ W.T for int4 codes in torch's CPU layout (quant.Int4Weight: packed [rows, in / 2], sz
+    [in / group, rows, 2]), x quantized to int8 a group at a time -> [rows] bf16 (native.c's gemv_int4 says how).
+    None where the native kernel cannot take them: not bf16, rows not whole blocks of 64, or no library."""
+    rows, inp = packed.shape[0], 2 * packed.shape[1]
+    if (x.dtype != torch.bfloat16 or x.shape != (inp,) or rows % 64 or group % 4 or inp % group
+            or not packed.is_contiguous() or (lib := library()) is None):
+        return None
+    sz = sz.to(torch.bfloat16).contiguous()
+    x = x.contiguous()
+    y = torch.empty(rows, dtype=torch.bfloat16)
+    lib.gemv_int4(packed.data_ptr(), sz.data_ptr(), x.data_ptr(), y.data_ptr(), rows, inp, group,
+                  torch.get_num_threads())
+    return y

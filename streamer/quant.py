@@ -373,7 +373,9 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
       rows the integer matmul takes as long as at 16: ~45 ms on 8 x 14336 x 4096 codes against the kernel's
       23-30). The integer matmul took 0.23-0.37x bf16's time at 1 row, 0.61-0.88x at 16-32 rows, and from 64
       rows 0.58-0.71x in two of five runs, 0.86-1.01x in the other three (each process kept its own level).
-    - int4: torch's kernel below INT4_DEQUANT_ROWS, or below INT4_COMPILED_ROWS in a compiled run, else the
+    - int4: at one row, the native kernel where it runs (native.gemv_int4: x quantized to int8 a group at a time,
+      as llama.cpp's Q4_0 x Q8_0; 60-62 GB/s of codes against torch's kernel's 40-42 on the 8B's FFN-up, k13.py).
+      Else torch's kernel below INT4_DEQUANT_ROWS, or below INT4_COMPILED_ROWS in a compiled run, else the
       codes requantized to int8 a tile at a time for the integer matmul (_int4_as_int8_matmul), by a compiled
       loop in a compiled run (kernels.int4_int8_tile). ms per 4096 x 4096 of weights, on the 8B's shapes (wo,
       an FFN slice's w1 and w2; a4_rows.py, one run), at 64 / 128 / 256 / 512 rows: torch's int4 kernel
@@ -390,6 +392,8 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
     if x.shape[0] >= int4_kernel_rows():
         return _int4_as_int8_matmul(x, w, kernels.int4_compiled())
+    if x.shape[0] == 1 and int4_layout_known() and (y := native.gemv_int4(x[0], w.packed, w.sz, w.group)) is not None:
+        return y[None]
     return torch._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.sz.to(x.dtype))
 
 

@@ -119,3 +119,27 @@ def test_decode_attention_is_the_compiled_kernels_math(D, H, KV, hd, S):
     want = kernels._decode_attention(q, kv[0], kv[1], ends)
     assert got.shape == (D, H * hd) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-3)
+
+
+@needs_native
+@pytest.mark.parametrize("out,inp,group", [(64, 64, 64), (128, 256, 64), (192, 512, 128), (64, 96, 32)])
+def test_int4_gemv_is_its_formula_on_torchs_layout(out, inp, group):
+    """The codes read from torch's int4 layout, x quantized to int8 a group at a time: within the output's bf16
+    rounding of that formula in float64, and within 1.5% of the largest output of the float product (torch's own
+    int4 kernel: its bf16 rounding alone)."""
+    torch.manual_seed(0)
+    q = quant.quantize_int4(torch.randn(out, inp) * 0.02, group)
+    codes = quant.int4_codes_t(q.packed, out, inp).t().double()  # [out, in], 0..15
+    sz = q.sz.to(torch.bfloat16).double()
+    g = torch.arange(inp) // group
+    x = torch.randn(inp).bfloat16()
+    xg = x.float().view(-1, group)
+    sx = xg.abs().amax(1, keepdim=True) / 127  # in float32, as the kernel rounds them (an x / sx off by one ulp
+    xq = torch.round(xg / sx).double().flatten()  # can round to the next code)
+    ints = ((codes - 8) * xq).view(out, -1, group).sum(-1)  # [out, groups]
+    formula = (sz[:, :, 0].t() * sx.double().t() * ints + sz[:, :, 1].t() * xg.double().sum(1)).sum(1)
+    got = native.gemv_int4(x, q.packed, q.sz, group)
+    assert got.dtype == torch.bfloat16 and got.shape == (out,)
+    torch.testing.assert_close(got.double(), formula, rtol=8e-3, atol=1e-3 * float(formula.abs().max()))
+    exact = ((codes - 8) * sz[g, :, 0].t() + sz[g, :, 1].t()) @ x.double()
+    assert (got.double() - exact).abs().max() <= 0.015 * exact.abs().max()
