@@ -1,9 +1,8 @@
 /* Resident decode's one-row matmuls (bf16, int8, int4) and decode attention, written for AVX-512 (BF16, VNNI,
  * VBMI): reading the weights is their whole cost, and these read them faster than torch's kernels do here
  * (native.py gives the figures). Built by native.py at first use with -fopenmp; its OpenMP runtime is then the one
- * torch has loaded, so the two share one pool of threads. A thread takes its share of output rows 4 at a time
- * (64 for int4), each row's products summed in its own accumulator along the whole input: 2 or 8 rows at a time
- * read slower (k3.py). */
+ * torch has loaded, so the two share one pool of threads. A thread takes its share of output rows (in blocks of 4;
+ * 64 for int4) and reads them in order, one sequential stream. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -28,47 +27,51 @@ static inline uint16_t bf16_round(float f) {
     return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
 }
 
-/* Up to 4 rows of a bf16 gemv: y[r] = bf16(sum_k w[r * ld + k] x[k]), products and sums in float32. */
+/* Rows of a bf16 gemv, one at a time: y[r] = bf16(sum_k w[r * ld + k] x[k]), products and sums in float32, in 4
+ * accumulators along k, so each thread reads one sequential stream: 69-81 GB/s where 4 rows interleaved read 59-62
+ * and a plain read 69-78 (k16.py). */
 static inline void rows_bf16(const uint16_t *w, int64_t ld, const uint16_t *x, uint16_t *y, int n, int64_t in) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    int64_t k = 0;
-    for (; k + 32 <= in; k += 32) {
-        __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
-        for (int r = 0; r < 4; r++)  /* unrolled, the accumulators in registers */
-            if (r < n)
-                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * ld + k), xv);
+    for (int r = 0; r < n; r++, w += ld) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k + 128 <= in; k += 128) {
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
+            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + k + 64), (__m512bh)_mm512_loadu_si512(x + k + 64));
+            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + k + 96), (__m512bh)_mm512_loadu_si512(x + k + 96));
+        }
+        for (; k + 32 <= in; k += 32)
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+        if (k < in) {  /* the tail, zeros past it: masked loads throughout read 30 GB/s against 46-48 (k10.py) */
+            __mmask32 m = ((__mmask32)1 << (in - k)) - 1;
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, w + k), (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
+        }
+        y[r] = bf16_round(_mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))));
     }
-    if (k < in) {  /* the tail, zeros past it: masked loads throughout read 30 GB/s against 46-48 (k10.py) */
-        __mmask32 m = ((__mmask32)1 << (in - k)) - 1;
-        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
-        for (int r = 0; r < n; r++)
-            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * ld + k), xv);
-    }
-    for (int r = 0; r < n; r++)
-        y[r] = bf16_round(_mm512_reduce_add_ps(acc[r]));
 }
 
-/* Up to 4 rows of an int8 gemv, exact in int32: y[r] = sum_k w[r * ld + k] x[k], given sx = sum_k x[k].
- * VNNI multiplies unsigned by signed bytes: w + 128 (its top bit flipped) times x, less 128 sx, is the same
- * exact sum; flipping w read 57-62 GB/s where negating w where x < 0 read 49-54 (k5.py). */
+/* Rows of an int8 gemv, one at a time as rows_bf16, exact in int32: y[r] = sum_k w[r * ld + k] x[k], given
+ * sx = sum_k x[k]. VNNI multiplies unsigned by signed bytes: w + 128 (its top bit flipped) times x, less 128 sx, is
+ * the same exact sum; flipping w read 57-62 GB/s where negating w where x < 0 read 49-54 (k5.py). */
 static inline void rows_int8(const int8_t *w, int64_t ld, const int8_t *x, int32_t *y, int n, int64_t in, int32_t sx) {
-    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    int64_t k = 0;
-    for (; k + 64 <= in; k += 64) {
-        __m512i xv = _mm512_loadu_si512(x + k);
-        for (int r = 0; r < 4; r++)
-            if (r < n)
-                acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_xor_si512(_mm512_loadu_si512(w + r * ld + k), flip), xv);
+    for (int r = 0; r < n; r++, w += ld) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k + 256 <= in; k += 256) {
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(w + k), flip), _mm512_loadu_si512(x + k));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_loadu_si512(w + k + 64), flip), _mm512_loadu_si512(x + k + 64));
+            a2 = _mm512_dpbusd_epi32(a2, _mm512_xor_si512(_mm512_loadu_si512(w + k + 128), flip), _mm512_loadu_si512(x + k + 128));
+            a3 = _mm512_dpbusd_epi32(a3, _mm512_xor_si512(_mm512_loadu_si512(w + k + 192), flip), _mm512_loadu_si512(x + k + 192));
+        }
+        for (; k + 64 <= in; k += 64)
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(w + k), flip), _mm512_loadu_si512(x + k));
+        if (k < in) {  /* the tail: x is 0 past it */
+            __mmask64 m = ((__mmask64)1 << (in - k)) - 1;
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + k), flip), _mm512_maskz_loadu_epi8(m, x + k));
+        }
+        y[r] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3))) - 128 * sx;
     }
-    if (k < in) {  /* the tail: x is 0 past it */
-        __mmask64 m = ((__mmask64)1 << (in - k)) - 1;
-        __m512i xv = _mm512_maskz_loadu_epi8(m, x + k);
-        for (int r = 0; r < n; r++)
-            acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + r * ld + k), flip), xv);
-    }
-    for (int r = 0; r < n; r++)
-        y[r] = _mm512_reduce_add_epi32(acc[r]) - 128 * sx;
 }
 
 /* The pieces' products in one parallel region: piece j is the matrix at w[j] ([rows[j], in], row stride ld[j]),
