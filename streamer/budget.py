@@ -251,7 +251,8 @@ def main(args: argparse.Namespace) -> int:
           + (f" ({blocks[0]} .. {blocks[-1]})" if blocks else "")
           + ("" if not p.resident else ", as mapped file pages (no memory cgroup)" if p.mapped
              else ", in private memory (a memory cgroup's limit applies)")
-          + ("; their int4 matrices copied whole into private memory" if p.resident and files.quantize == "int4" else ""))
+          + ("; their int4 matrices copied whole into private memory"
+             if p.resident and files.quantize == "int4" and not quant.int4_native() else ""))
     print(f"  read per step    {p.bytes_per_step / 1e9:.2f} GB; prefill passes of up to {p.max_pass_tokens} tokens")
     if draft:
         print(f"  draft model      {draft.folder.name}, whole in RAM: {mib(p.draft)} (weights, activations, KV)")

@@ -172,60 +172,75 @@ def int4_int8_tile(packed: torch.Tensor, sp: torch.Tensor, zp: torch.Tensor, out
     return out
 
 
-class DenseRows(NamedTuple):
-    """A resident file's bf16 row pieces W = [W0; W1; ...] (wqkv, wo, the head's output), with what one native
-    call needs to take them all at one row (native.table)."""
-    pieces: list[torch.Tensor]
+class NativeRows(NamedTuple):
+    """A resident file's row pieces W = [W0; W1; ...] (wqkv, wo, the head's output), bf16 tensors or int4 codes
+    (quant.Int4Weight), with what one native call needs to take them all at one row (native.table)."""
+    pieces: list
     table: torch.Tensor
     rows: int
+    group: int = 0  # int4's group; 0: bf16
 
     def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [1, in] @ W.T in one native call, each row as linear_one_row gives it; None where x takes the pieces
-        one at a time: more rows, outside use_compiled(True), or no native kernels."""
-        if x.shape[0] != 1 or _COMPILED.get() is None:
+        """x [1, in] @ W.T in one native call, each row as one piece's own call gives it; None where x takes the
+        pieces one at a time: more rows, no native kernels, or bf16 outside use_compiled(True)."""
+        if x.shape[0] != 1 or (not self.group and _COMPILED.get() is None):
             return None
         y = torch.empty(1, self.rows, dtype=x.dtype)
-        return y if native.gemv_pieces(self.table, x[0].contiguous(), y) else None
+        return y if native.gemv_pieces(self.table, x[0].contiguous(), y, self.group) else None
 
 
-class DenseFFN(NamedTuple):
-    """A resident file's bf16 FFN slices (w1 [c, dim], w3 [c, dim], w2 [dim, c] each), with what two native calls
-    need to take them all at one row: every w1 then every w3 (up), and every w2 with one output row each (down)."""
-    slices: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+class NativeFFN(NamedTuple):
+    """A resident file's FFN slices (w1 [c, dim], w3 [c, dim], w2 [dim, c] each; bf16 or int4 as NativeRows), with
+    what two native calls need to take them all at one row: every w1 then every w3 (up), and every w2 with an
+    input and an output row each (down)."""
+    slices: list[tuple]
     up: torch.Tensor
     down: torch.Tensor
+    group: int = 0
 
     def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
         """model.feed_forward of x [1, dim] with the same numbers, every slice's products in two native calls; None
-        where x takes the slices one at a time, as DenseRows.at_once."""
-        if x.shape[0] != 1 or _COMPILED.get() is None:
+        where x takes the slices one at a time, as NativeRows.at_once."""
+        if x.shape[0] != 1 or (not self.group and _COMPILED.get() is None):
             return None
         n, dim = len(self.slices), x.shape[1]
-        a = torch.empty(2 * sum(w1.shape[0] for w1, _, _ in self.slices), dtype=x.dtype)
-        if not native.gemv_pieces(self.up, x[0].contiguous(), a):
+        a = torch.empty(self.up[2].sum(), dtype=x.dtype)
+        if not native.gemv_pieces(self.up, x[0].contiguous(), a, self.group):
             return None
         h = (F.silu(a[:a.shape[0] // 2]) * a[a.shape[0] // 2:]).view(n, -1)
         parts = torch.empty(n, dim, dtype=x.dtype)
-        native.gemv_pieces(self.down, h, parts)
+        native.gemv_pieces(self.down, h, parts, self.group)
         y = torch.zeros(1, dim, dtype=torch.float32)
         for part in parts:  # added up in slice order, as the slices' partial products are
             y += part
         return y.to(x.dtype)
 
 
-def dense_rows(pieces: list[torch.Tensor]) -> DenseRows | None:
-    """pieces as DenseRows, or None where the native kernels cannot take them (not bf16)."""
-    if pieces[0].dtype != torch.bfloat16 or (tab := native.table(pieces)) is None:
+def native_rows(pieces: list) -> NativeRows | None:
+    """Row pieces (bf16 tensors, or int4 codes: quant.Int4Weight) as NativeRows, or None where the native kernels
+    cannot take them."""
+    if (tab := _table(pieces)) is None:
         return None
-    return DenseRows(pieces, tab, sum(w.shape[0] for w in pieces))
+    return NativeRows(pieces, tab, int(tab[2].sum()), _group(pieces))
 
 
-def dense_ffn(slices: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> DenseFFN | None:
-    """slices as DenseFFN, or None where the native kernels cannot take them."""
-    up = [t[0] for t in slices] + [t[1] for t in slices]
-    down = [t[2] for t in slices]
-    if up[0].dtype != torch.bfloat16 or (tu := native.table(up)) is None:
+def native_ffn(slices: list[tuple]) -> NativeFFN | None:
+    """FFN slices as NativeFFN, or None where the native kernels cannot take them."""
+    up, down = [t[0] for t in slices] + [t[1] for t in slices], [t[2] for t in slices]
+    if (tu := _table(up)) is None or (td := _table(down, [j * _rows(down[0]) for j in range(len(down))])) is None:
         return None
-    if (td := native.table(down, [j * down[0].shape[0] for j in range(len(down))])) is None:
-        return None
-    return DenseFFN(slices, tu, td)
+    return NativeFFN(slices, tu, td, _group(up))
+
+
+def _rows(w) -> int:
+    return w.shape[0] if isinstance(w, torch.Tensor) else w.packed.shape[0]
+
+
+def _group(pieces: list) -> int:
+    return 0 if isinstance(pieces[0], torch.Tensor) else pieces[0].group
+
+
+def _table(pieces: list, offsets: list[int] | None = None) -> torch.Tensor | None:
+    if isinstance(pieces[0], torch.Tensor):
+        return native.table(pieces, offsets) if all(w.dtype == torch.bfloat16 for w in pieces) else None
+    return native.int4_table(pieces, offsets)

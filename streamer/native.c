@@ -189,19 +189,21 @@ void attend_bf16(int D, int H, int KV, int hd, const uint16_t *q, const uint16_t
     }
 }
 
-/* One row's int4 product on torch's CPU int4 layout (quant.py: torch._convert_weight_to_int4pack_for_cpu), with x
- * quantized to int8 a group at a time, as llama.cpp's Q4_0 x Q8_0 products are: packed [rows, in / 2] uint8 holds,
- * for each block of 64 rows and each input k, 32 bytes: row i's code in byte i's low nibble, row 32 + i's in its
- * high one. sz [in / group, rows, 2] bf16 holds each group's scale and zero: w = (q - 8) * scale + zero. So
- * y[n] = sum over groups g of scale * sx_g * sum_k (q - 8) xq_k + zero * sum_k x_k, with xq = round(x / sx_g), the
- * integer sums exact (VNNI, 4 inputs of a row per 32-bit lane, gathered by one byte permute per 16 rows), rounded
- * to bf16 once. rows % 64 == 0, group % 4 == 0, in % group == 0, group <= in. */
-void gemv_int4(const uint8_t *packed, const uint16_t *sz, const uint16_t *x, uint16_t *y, int64_t rows, int64_t in,
-               int64_t group, int threads) {
-    int64_t groups = in / group;
-    int8_t *xq = malloc(in);
-    float *sx = malloc(sizeof(float) * groups * 3), *xsum = sx + groups, *qsum = sx + 2 * groups;
-    for (int64_t g = 0; g < groups; g++) {
+/* One row's int4 products on torch's CPU int4 layout (quant.py: torch._convert_weight_to_int4pack_for_cpu), with x
+ * quantized to int8 a group at a time, as llama.cpp's Q4_0 x Q8_0 products are. Piece j: codes at w[j] ([rows[j],
+ * in / 2] uint8: for each block of 64 rows and each input k, 32 bytes, row i's code in byte i's low nibble, row
+ * 32 + i's in its high one) and their scales and zeros at sz[j] ([in / group, rows[j], 2] bf16: w = (q - 8) * scale
+ * + zero), times x + j * xs (xs = 0: one x for all), into y + yoff[j]. So y[n] = sum over groups g of
+ * scale * sx_g * sum_k (q - 8) xq_k + zero * sum_k x_k, with xq = round(x / sx_g), the integer sums exact (VNNI, 4
+ * inputs of a row per 32-bit lane, gathered by one byte permute per 16 rows), rounded to bf16 once. rows[j] % 64
+ * == 0, group % 4 == 0, in % group == 0. The threads split all pieces' 64-row blocks evenly, in order. */
+typedef struct {
+    int8_t *q;                 /* [in] */
+    float *sx, *xsum, *qsum;   /* [in / group] each: x's int8 step, sum of x, 8 * sum of xq */
+} qx;
+
+static void quantize_x(const uint16_t *x, int64_t in, int64_t group, qx *o) {
+    for (int64_t g = 0; g < in / group; g++) {
         float top = 0, sum = 0;
         int32_t isum = 0;
         for (int64_t k = g * group; k < (g + 1) * group; k++) {
@@ -209,13 +211,63 @@ void gemv_int4(const uint8_t *packed, const uint16_t *sz, const uint16_t *x, uin
             top = fabsf(v) > top ? fabsf(v) : top;
             sum += v;
         }
-        sx[g] = top / 127;
+        o->sx[g] = top / 127;
         for (int64_t k = g * group; k < (g + 1) * group; k++) {
-            xq[k] = top > 0 ? (int8_t)nearbyintf(bf16_float(x[k]) / sx[g]) : 0;
-            isum += xq[k];
+            o->q[k] = top > 0 ? (int8_t)nearbyintf(bf16_float(x[k]) / o->sx[g]) : 0;
+            isum += o->q[k];
         }
-        xsum[g] = sum;
-        qsum[g] = (float)(8 * isum);  /* the -8 of every code, times this group's xq */
+        o->xsum[g] = sum;
+        o->qsum[g] = (float)(8 * isum);  /* the -8 of every code, times this group's xq */
+    }
+}
+
+static inline void block_int4(const uint8_t *pb, const uint16_t *sz, int64_t rows, const qx *x, uint16_t *y,
+                              int64_t in, int64_t group, __m512i ilo, __m512i ihi) {
+    const __m512i nib = _mm512_set1_epi8(0x0f), zmask = _mm512_set1_epi32((int)0xffff0000);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g = 0; g < in / group; g++) {
+        __m512i sum[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
+            __m512i a = _mm512_loadu_si512(pb + k * 32), c = _mm512_loadu_si512(pb + k * 32 + 64);
+            __m512i alo = _mm512_and_si512(a, nib), clo = _mm512_and_si512(c, nib);
+            __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib);
+            __m512i chi = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);
+            int32_t quad;
+            memcpy(&quad, x->q + k, 4);
+            __m512i xv = _mm512_set1_epi32(quad);
+            sum[0] = _mm512_dpbusd_epi32(sum[0], _mm512_permutex2var_epi8(alo, ilo, clo), xv);
+            sum[1] = _mm512_dpbusd_epi32(sum[1], _mm512_permutex2var_epi8(alo, ihi, clo), xv);
+            sum[2] = _mm512_dpbusd_epi32(sum[2], _mm512_permutex2var_epi8(ahi, ilo, chi), xv);
+            sum[3] = _mm512_dpbusd_epi32(sum[3], _mm512_permutex2var_epi8(ahi, ihi, chi), xv);
+        }
+        const uint16_t *s = sz + g * rows * 2;  /* 64 rows' (scale, zero), 16 rows a vector */
+        for (int q = 0; q < 4; q++) {
+            __m512i pair = _mm512_loadu_si512(s + 32 * q);
+            __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, zmask));
+            __m512 t = _mm512_sub_ps(_mm512_cvtepi32_ps(sum[q]), _mm512_set1_ps(x->qsum[g]));
+            acc[q] = _mm512_fmadd_ps(_mm512_mul_ps(scale, _mm512_set1_ps(x->sx[g])), t, acc[q]);
+            acc[q] = _mm512_fmadd_ps(zero, _mm512_set1_ps(x->xsum[g]), acc[q]);
+        }
+    }
+    for (int q = 0; q < 4; q++) {
+        float out[16];
+        _mm512_storeu_ps(out, acc[q]);
+        for (int i = 0; i < 16; i++)
+            y[16 * q + i] = bf16_round(out[i]);
+    }
+}
+
+void gemv_int4(int n, const void *const *w, const void *const *sz, const int64_t *rows, const int64_t *yoff,
+               const uint16_t *x, int64_t xs, uint16_t *y, int64_t in, int64_t group, int threads) {
+    int nx = xs ? n : 1, groups = (int)(in / group);
+    qx *xq = malloc(sizeof(qx) * nx);
+    int8_t *codes = malloc(in * nx);
+    float *f = malloc(sizeof(float) * 3 * groups * nx);
+    for (int j = 0; j < nx; j++) {
+        qx o = {codes + j * in, f + 3 * groups * j, f + 3 * groups * j + groups, f + 3 * groups * j + 2 * groups};
+        xq[j] = o;
+        quantize_x(x + j * xs, in, group, &xq[j]);
     }
     /* lane r of a permuted vector: the codes of row r (first 16) or 16 + r for inputs k..k+3: bytes k, k+1 of the
      * first vector (its two halves), k+2, k+3 of the second (indices 64.. in the permute) */
@@ -225,45 +277,20 @@ void gemv_int4(const uint8_t *packed, const uint16_t *sz, const uint16_t *x, uin
             lo_idx[4 * r + j] = (uint8_t)((j / 2) * 64 + (j % 2) * 32 + r);
             hi_idx[4 * r + j] = (uint8_t)((j / 2) * 64 + (j % 2) * 32 + 16 + r);
         }
-    const __m512i ilo = _mm512_loadu_si512(lo_idx), ihi = _mm512_loadu_si512(hi_idx), nib = _mm512_set1_epi8(0x0f);
-    const __m512i zmask = _mm512_set1_epi32((int)0xffff0000);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < rows / 64; b++) {
-        const uint8_t *pb = packed + b * 64 * (in / 2);
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t g = 0; g < groups; g++) {
-            __m512i sum[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                              _mm512_setzero_si512()};
-            for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
-                __m512i a = _mm512_loadu_si512(pb + k * 32), c = _mm512_loadu_si512(pb + k * 32 + 64);
-                __m512i alo = _mm512_and_si512(a, nib), clo = _mm512_and_si512(c, nib);
-                __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib);
-                __m512i chi = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);
-                int32_t quad;
-                memcpy(&quad, xq + k, 4);
-                __m512i xv = _mm512_set1_epi32(quad);
-                sum[0] = _mm512_dpbusd_epi32(sum[0], _mm512_permutex2var_epi8(alo, ilo, clo), xv);
-                sum[1] = _mm512_dpbusd_epi32(sum[1], _mm512_permutex2var_epi8(alo, ihi, clo), xv);
-                sum[2] = _mm512_dpbusd_epi32(sum[2], _mm512_permutex2var_epi8(ahi, ilo, chi), xv);
-                sum[3] = _mm512_dpbusd_epi32(sum[3], _mm512_permutex2var_epi8(ahi, ihi, chi), xv);
-            }
-            const uint16_t *s = sz + (g * rows + b * 64) * 2;  /* 64 rows' (scale, zero), 16 rows a vector */
-            for (int q = 0; q < 4; q++) {
-                __m512i pair = _mm512_loadu_si512(s + 32 * q);
-                __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-                __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, zmask));
-                __m512 t = _mm512_sub_ps(_mm512_cvtepi32_ps(sum[q]), _mm512_set1_ps(qsum[g]));
-                acc[q] = _mm512_fmadd_ps(_mm512_mul_ps(scale, _mm512_set1_ps(sx[g])), t, acc[q]);
-                acc[q] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xsum[g]), acc[q]);
-            }
-        }
-        for (int q = 0; q < 4; q++) {
-            float out[16];
-            _mm512_storeu_ps(out, acc[q]);
-            for (int i = 0; i < 16; i++)
-                y[b * 64 + 16 * q + i] = bf16_round(out[i]);
-        }
+    const __m512i ilo = _mm512_loadu_si512(lo_idx), ihi = _mm512_loadu_si512(hi_idx);
+    int64_t total = 0;
+    for (int j = 0; j < n; j++)
+        total += rows[j] / 64;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t lo = total * t / nt, hi = total * (t + 1) / nt, first = 0;
+        for (int j = 0; j < n && first < hi; first += rows[j] / 64, j++)
+            for (int64_t b = lo > first ? lo - first : 0; b < rows[j] / 64 && first + b < hi; b++)
+                block_int4((const uint8_t *)w[j] + b * 64 * (in / 2), (const uint16_t *)sz[j] + b * 128, rows[j],
+                           &xq[xs ? j : 0], y + yoff[j] + 64 * b, in, group, ilo, ihi);
     }
+    free(f);
+    free(codes);
     free(xq);
-    free(sx);
 }

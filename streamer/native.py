@@ -83,7 +83,7 @@ def _load() -> ctypes.CDLL:
     for fn in (lib.gemv_bf16, lib.gemv_int8):  # n, w, ld, rows, yoff, x, xs, y, in, threads (native.c)
         fn.argtypes = [ctypes.c_int, p, p, p, p, p, i64, p, i64, ctypes.c_int]
         fn.restype = None
-    lib.gemv_int4.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]
+    lib.gemv_int4.argtypes = [ctypes.c_int, p, p, p, p, p, i64, p, i64, i64, ctypes.c_int]
     lib.gemv_int4.restype = None
     lib.attend_bf16.argtypes = [ctypes.c_int] * 4 + [p] * 3 + [i64] * 3 + [p, p, ctypes.c_float, ctypes.c_int]
     lib.attend_bf16.restype = None
@@ -102,36 +102,47 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamer"
 
 
-def table(ws: list[torch.Tensor], offsets: list[int] | None = None) -> torch.Tensor | None:
+def table(ws: list[torch.Tensor], offsets: list[int] | None = None, aux: list[torch.Tensor] | None = None
+          ) -> torch.Tensor | None:
     """What the native kernels read of matrices ws [rows_j, in] (one dtype, one input width, contiguous rows):
-    their addresses, row strides, rows, and where each one's outputs start (offsets; default: one after another),
-    int64 [4, n]. It holds addresses, not the tensors: they must outlive it. None where the kernels cannot take ws."""
+    their addresses, row strides, rows, where each one's outputs start (offsets; default: one after another) and
+    the address of each one's aux tensor (int4's scales and zeros), int64 [5, n]. It holds addresses, not the
+    tensors: they must outlive it. None where the kernels cannot take ws."""
     if not ws or any(w.dim() != 2 or w.stride(1) != 1 or w.dtype != ws[0].dtype or w.shape[1] != ws[0].shape[1]
                      for w in ws):
         return None
     rows = [w.shape[0] for w in ws]
     if offsets is None:
         offsets = [sum(rows[:j]) for j in range(len(ws))]
-    return torch.tensor([[w.data_ptr() for w in ws], [w.stride(0) for w in ws], rows, offsets], dtype=torch.int64)
+    return torch.tensor([[w.data_ptr() for w in ws], [w.stride(0) for w in ws], rows, offsets,
+                         [a.data_ptr() for a in aux] if aux else [0] * len(ws)], dtype=torch.int64)
 
 
-def _call(fn, tab: torch.Tensor, x: torch.Tensor, xs: int, y: torch.Tensor, inp: int) -> None:
-    n, at = tab.shape[1], tab.data_ptr()
-    fn(n, at, at + 8 * n, at + 16 * n, at + 24 * n, x.data_ptr(), xs, y.data_ptr(), inp, torch.get_num_threads())
+def int4_table(pieces, offsets: list[int] | None = None) -> torch.Tensor | None:
+    """table() of int4 matrices (quant.Int4Weight: codes [rows, in / 2] in torch's layout, scales and zeros
+    [in / group, rows, 2] in bf16, each contiguous, rows whole blocks of 64); None where gemv_int4 cannot take them."""
+    if pieces[0].group % 4 or any(p.packed.shape[0] % 64 or not p.packed.is_contiguous() or p.group != pieces[0].group
+                                  or p.sz.dtype != torch.bfloat16 or not p.sz.is_contiguous() for p in pieces):
+        return None
+    return table([p.packed for p in pieces], offsets, [p.sz for p in pieces])
 
 
-def gemv_pieces(tab: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool:
-    """The one-row products of every matrix in tab (table()) in one call: x [in] (one for all) or [n, in] (one
-    each), bf16 or int8 as the matrices are, written to the contiguous out (bf16, or int32 exact sums) at each
-    one's offset. False, with out untouched, where there is no native library. It reads and writes by address:
-    the caller sees to shapes, dtypes and contiguity."""
-    if (lib := library()) is None:
+def gemv_pieces(tab: torch.Tensor, x: torch.Tensor, out: torch.Tensor, group: int = 0) -> bool:
+    """The one-row products of every matrix in tab (table(), or int4_table() with its group) in one call: x [in]
+    (one for all) or [n, in] (one each), bf16 (for bf16 or int4 matrices) or int8, written to the contiguous out
+    (bf16, or int32 exact sums) at each one's offset. False, with out untouched, where there is no native library.
+    It reads and writes by address: the caller sees to shapes, dtypes and contiguity."""
+    if (lib := library()) is None or (group and x.dtype != torch.bfloat16):
         return False
-    fn = lib.gemv_bf16 if x.dtype == torch.bfloat16 else lib.gemv_int8
-    assert x.is_contiguous() and out.is_contiguous() and out.dtype == (x.dtype if x.dtype == torch.bfloat16 else torch.int32)
-    n, at = tab.shape[1], tab.data_ptr()
-    fn(n, at, at + 8 * n, at + 16 * n, at + 24 * n, x.data_ptr(), x.shape[-1] if x.dim() == 2 else 0, out.data_ptr(),
-       x.shape[-1], torch.get_num_threads())
+    assert x.is_contiguous() and out.is_contiguous() and out.dtype == (torch.int32 if x.dtype == torch.int8 else x.dtype)
+    n, at, inp = tab.shape[1], tab.data_ptr(), x.shape[-1]
+    xs, threads = (inp if x.dim() == 2 else 0), torch.get_num_threads()
+    if group:
+        lib.gemv_int4(n, at, at + 32 * n, at + 16 * n, at + 24 * n, x.data_ptr(), xs, out.data_ptr(), inp, group,
+                      threads)
+    else:
+        fn = lib.gemv_bf16 if x.dtype == torch.bfloat16 else lib.gemv_int8
+        fn(n, at, at + 8 * n, at + 16 * n, at + 24 * n, x.data_ptr(), xs, out.data_ptr(), inp, threads)
     return True
 
 
@@ -178,13 +189,11 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: in
     """x [in] bf16 @ W.T for int4 codes in torch's CPU layout (quant.Int4Weight: packed [rows, in / 2], sz
     [in / group, rows, 2]), x quantized to int8 a group at a time -> [rows] bf16 (native.c's gemv_int4 says how).
     None where the native kernel cannot take them: not bf16, rows not whole blocks of 64, or no library."""
-    rows, inp = packed.shape[0], 2 * packed.shape[1]
-    if (x.dtype != torch.bfloat16 or x.shape != (inp,) or rows % 64 or group % 4 or inp % group
-            or not packed.is_contiguous() or (lib := library()) is None):
+    from .quant import Int4Weight
+    if x.dtype != torch.bfloat16 or x.shape != (2 * packed.shape[1],) or x.shape[0] % group:
         return None
-    sz = sz.to(torch.bfloat16).contiguous()
-    x = x.contiguous()
-    y = torch.empty(rows, dtype=torch.bfloat16)
-    lib.gemv_int4(packed.data_ptr(), sz.data_ptr(), x.data_ptr(), y.data_ptr(), rows, inp, group,
-                  torch.get_num_threads())
-    return y
+    w = Int4Weight(packed, sz.to(torch.bfloat16).contiguous())  # kept while the kernel reads it by address
+    if (tab := int4_table([w])) is None:
+        return None
+    y = torch.empty(packed.shape[0], dtype=torch.bfloat16)
+    return y if gemv_pieces(tab, x.contiguous(), y, group) else None

@@ -309,8 +309,8 @@ class Int4FFN(NamedTuple):
         return qlinear(torch.nn.functional.silu(u[:, :hidden]) * u[:, hidden:], self.down)
 
 
-JOINED_ROWS = (Int8Rows, Int4Rows, kernels.DenseRows)  # a resident file's row pieces joined: at_once(x), else .pieces
-JOINED_FFN = (Int8FFN, Int4FFN, kernels.DenseFFN)  # its FFN slices joined: at_once(x), else .slices
+JOINED_ROWS = (Int8Rows, Int4Rows, kernels.NativeRows)  # a resident file's row pieces joined: at_once(x), else .pieces
+JOINED_FFN = (Int8FFN, Int4FFN, kernels.NativeFFN)  # its FFN slices joined: at_once(x), else .slices
 
 
 def int4_rows_joinable(pieces: list[Int4Weight]) -> bool:
@@ -359,6 +359,12 @@ def join_int4_columns(pieces: list[Int4Weight], done=lambda i: None) -> Int4Weig
     return Int4Weight(packed, sz)
 
 
+def int4_native() -> bool:
+    """Whether one-row int4 products take the native kernel (native.gemv_int4): then a resident int4 file keeps its
+    pieces as they are, mapped, rather than joined into private copies of whole matrices for torch's kernel."""
+    return int4_layout_known() and native.available()
+
+
 def int4_kernel_rows() -> int:
     """The rows from which qlinear requantizes int4 tiles instead of taking torch's int4 kernel."""
     if not int4_layout_known():
@@ -392,7 +398,7 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
     if x.shape[0] >= int4_kernel_rows():
         return _int4_as_int8_matmul(x, w, kernels.int4_compiled())
-    if x.shape[0] == 1 and int4_layout_known() and (y := native.gemv_int4(x[0], w.packed, w.sz, w.group)) is not None:
+    if x.shape[0] == 1 and int4_native() and (y := native.gemv_int4(x[0], w.packed, w.sz, w.group)) is not None:
         return y[None]
     return torch._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.sz.to(x.dtype))
 

@@ -348,34 +348,37 @@ class ResidentFile(FileView):
                 touch_pages(t.view(-1).view(torch.uint8))
 
     def _joined(self, dtype: torch.dtype) -> dict:
-        """int8 row pieces and FFN slices, their scales joined once, for one-row products with one epilogue
-        (quant.Int8Rows, quant.Int8FFN); bf16 ones, for one native call each at one row (kernels.DenseRows,
-        kernels.DenseFFN). The FFN's only where every slice is whole vectors (64 values; or one slice), so its
-        SiLU rounds every value as the slice-at-a-time form does (tails take a scalar loop).
-        int4 ones copied, codes and all, into whole matrices (quant.Int4Rows, quant.Int4FFN), each piece's pages
-        in this file given back once it is copied (_give_back), so they take no more memory than before."""
+        """Row pieces and FFN slices grouped for one-row products: int8 ones with their scales joined once, for one
+        epilogue each (quant.Int8Rows, quant.Int8FFN); bf16 ones, and int4 ones where the native int4 kernel runs
+        (quant.int4_native), for one native call each (kernels.NativeRows, kernels.NativeFFN). The FFN's only where
+        every slice is whole vectors (64 values; or one slice), so its SiLU rounds every value as the
+        slice-at-a-time form does (tails take a scalar loop). Without the native kernel, int4 ones are copied,
+        codes and all, into whole matrices for torch's kernel (quant.Int4Rows, quant.Int4FFN), each piece's pages in
+        this file given back once it is copied (_give_back), so they take no more memory than before."""
         int8 = lambda ws: all(isinstance(w, Int8Weight) for w in ws)
         int4 = lambda ws: all(isinstance(w, Int4Weight) for w in ws)
-        dense = lambda ws: all(isinstance(w, torch.Tensor) and w.dtype == dtype for w in ws)
+        native = lambda ws: (all(isinstance(w, torch.Tensor) and w.dtype == dtype for w in ws)
+                             or (int4(ws) and dtype == torch.bfloat16 and quant.int4_native()))
         joined = {}
         for name, parts in self.pieced.items():
             if name in self.names or name.startswith("ffn."):
                 continue
             if int8(ws := [self._weight(n) for n in parts]):
                 joined[name] = quant.joined_rows(ws, dtype)
-            elif dense(ws) and (rows := kernels.dense_rows(ws)) is not None:
+            elif native(ws) and (rows := kernels.native_rows(ws)) is not None:
                 joined[name] = rows
             elif int4(ws) and len(ws) > 1 and quant.int4_rows_joinable(ws):
                 joined[name] = quant.join_int4_rows(ws, lambda i, n=parts: self._give_back(n[i]))
         slices = [tuple(self._weight(f + s) for s in (".w1", ".w3", ".w2")) for f in self.ffn]
-        whole = lambda rows: len(slices) == 1 or rows % 64 == 0
-        if slices and int8([w for t in slices for w in t]) and whole(slices[0][0].q.shape[0]):
-            joined["ffn"] = quant.joined_ffn(slices, dtype)
-        if (slices and dense([w for t in slices for w in t]) and whole(slices[0][0].shape[0])
-                and (ffn := kernels.dense_ffn(slices)) is not None):
-            joined["ffn"] = ffn
+        every = [w for t in slices for w in t]
         up, down = [t[0] for t in slices] + [t[1] for t in slices], [t[2] for t in slices]
-        if len(slices) > 1 and int4(up + down) and quant.int4_rows_joinable(up) and quant.int4_columns_joinable(down):
+        rows = lambda w: (w.q if isinstance(w, Int8Weight) else w.packed if isinstance(w, Int4Weight) else w).shape[0]
+        whole = bool(slices) and (len(slices) == 1 or rows(up[0]) % 64 == 0)
+        if whole and int8(every):
+            joined["ffn"] = quant.joined_ffn(slices, dtype)
+        elif whole and native(every) and (ffn := kernels.native_ffn(slices)) is not None:
+            joined["ffn"] = ffn
+        elif len(slices) > 1 and int4(every) and quant.int4_rows_joinable(up) and quant.int4_columns_joinable(down):
             names = [f + s for s in (".w1", ".w3") for f in self.ffn]
             joined["ffn"] = quant.Int4FFN(quant.join_int4_rows(up, lambda i: self._give_back(names[i])).whole,
                                           quant.join_int4_columns(down, lambda i: self._give_back(self.ffn[i] + ".w2")),

@@ -92,13 +92,13 @@ def test_a_build_lands_whole_in_the_users_cache(monkeypatch, tmp_path):
 @pytest.mark.skipif(not can_compile(), reason="inductor needs a C++ compiler")
 def test_resident_bf16_pieces_in_one_native_call_give_the_streamed_output(tmp_path, monkeypatch):
     """A resident bf16 file takes one row's products of all its row pieces (wqkv, wo, the head) in one native
-    call each, and of all FFN slices in two (kernels.DenseRows, DenseFFN); streamed pieces take a call each. The
+    call each, and of all FFN slices in two (kernels.NativeRows, NativeFFN); streamed pieces take a call each. The
     same numbers, bit for bit."""
     runner = resident_in_pieces(tmp_path, monkeypatch, None, torch.bfloat16)
     block, head = runner.views["block_000.safetensors"], runner.views["head.safetensors"]
-    assert isinstance(block.joined["wqkv"], kernels.DenseRows) and len(block.joined["wqkv"].pieces) > 1
-    assert isinstance(head.joined["output"], kernels.DenseRows) and len(head.joined["output"].pieces) > 1
-    assert isinstance(block.joined["ffn"], kernels.DenseFFN) and len(block.joined["ffn"].slices) == 7
+    assert isinstance(block.joined["wqkv"], kernels.NativeRows) and len(block.joined["wqkv"].pieces) > 1
+    assert isinstance(head.joined["output"], kernels.NativeRows) and len(head.joined["output"].pieces) > 1
+    assert isinstance(block.joined["ffn"], kernels.NativeFFN) and len(block.joined["ffn"].slices) == 7
     runner.close()
     resident, _ = stream(tmp_path / "bf16", [1, 2, 3], 8, dtype=torch.bfloat16, compile=True)
     streamed, _ = stream(tmp_path / "bf16", [1, 2, 3], 8, dtype=torch.bfloat16, compile=True,
@@ -143,3 +143,21 @@ def test_int4_gemv_is_its_formula_on_torchs_layout(out, inp, group):
     torch.testing.assert_close(got.double(), formula, rtol=8e-3, atol=1e-3 * float(formula.abs().max()))
     exact = ((codes - 8) * sz[g, :, 0].t() + sz[g, :, 1].t()) @ x.double()
     assert (got.double() - exact).abs().max() <= 0.015 * exact.abs().max()
+
+
+@needs_native
+def test_resident_int4_pieces_stay_where_they_are_and_give_the_streamed_output(tmp_path, monkeypatch):
+    """Where the native int4 kernel runs, a resident int4 file keeps its pieces in place (no private copies of whole
+    matrices) and takes one row's products of all of them in one native call each (kernels.NativeRows, NativeFFN),
+    with the streamed pieces' numbers, bit for bit."""
+    runner = resident_in_pieces(tmp_path, monkeypatch, "int4", torch.bfloat16)
+    block, head = runner.views["block_000.safetensors"], runner.views["head.safetensors"]
+    assert isinstance(block.joined["wqkv"], kernels.NativeRows) and block.joined["wqkv"].group == 64
+    assert isinstance(head.joined["output"], kernels.NativeRows) and len(head.joined["output"].pieces) == 8
+    assert isinstance(block.joined["ffn"], kernels.NativeFFN) and len(block.joined["ffn"].slices) == 7
+    assert {"wqkv.0", "ffn.0.w1", "ffn.6.w2"} <= set(block.t)  # nothing copied away and given back
+    runner.close()
+    resident, _ = stream(tmp_path / "int4", [1, 2, 3], 8, dtype=torch.bfloat16)
+    streamed, _ = stream(tmp_path / "int4", [1, 2, 3], 8, dtype=torch.bfloat16, runner_kw={"resident": []})
+    assert [p.token for p in resident] == [p.token for p in streamed]
+    assert [p.logprob for p in resident] == [p.logprob for p in streamed]

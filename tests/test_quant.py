@@ -159,10 +159,11 @@ def test_resident_scales_converted_once_give_the_same_output(tmp_path, scheme):
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
 def test_resident_int4_pieces_joined_into_whole_matrices(tmp_path, monkeypatch, dt):
-    """A resident int4 file copies its row pieces (wqkv, wo, the head) and FFN slices into whole matrices, giving
-    back the pages they came from: one call of torch's int4 kernel each below int4_kernel_rows, with the streamed
-    pieces' numbers (w2 aside: one rounding of the whole hidden dim's sum, not one a slice), and from there views
-    of the same codes, with the streamed pieces' very bits."""
+    """Without the native int4 kernel, a resident int4 file copies its row pieces (wqkv, wo, the head) and FFN
+    slices into whole matrices, giving back the pages they came from: one call of torch's int4 kernel each below
+    int4_kernel_rows, with the streamed pieces' numbers (w2 aside: one rounding of the whole hidden dim's sum, not
+    one a slice), and from there views of the same codes, with the streamed pieces' very bits."""
+    monkeypatch.setattr(quant, "int4_native", lambda: False)
     runner = resident_in_pieces(tmp_path, monkeypatch, "int4", dt)
     block, head = runner.views["block_000.safetensors"], runner.views["head.safetensors"]
     assert set(block.joined) == {"wqkv", "wo", "ffn"} and set(head.joined) == {"output"}
