@@ -144,12 +144,12 @@ def linear_one_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.Tensor) -> torch.Tensor | None:
-    """model.attend_decode compiled (natively where native.attend_bf16 takes it), or None outside
-    use_compiled(True)."""
-    if _COMPILED.get() is None:
-        return None
+    """model.attend_decode natively where native.attend_bf16 takes it (in any run: every number of sequences takes
+    it alike), else compiled within use_compiled(True), else None."""
     if (out := native.attend_bf16(q, k, v, ends)) is not None:
         return out
+    if _COMPILED.get() is None:
+        return None
     return _get(_decode_attention)(q, k, v, ends)
 
 

@@ -102,7 +102,7 @@ def attention(x, w, rot, kv, seqs: list[Seq], args: ModelArgs) -> torch.Tensor:
 def attend_decode(q: torch.Tensor, kv: torch.Tensor, slots: list[int], ends: torch.Tensor) -> torch.Tensor:
     """Decode attention of D sequences, one new token each: q [D, H, hd]; sequence d reads positions
     [0, ends[d]) of row slots[d] of kv [2, n, S, KV, hd] (positions past its end hold finite values, masked).
-    Compiled (kernels.decode_attention) within kernels.use_compiled(True); else one bmm per kv head over all
+    Native or compiled (kernels.decode_attention) where those run; else one bmm per kv head over all
     sequences, on strided views of the cache. Rows in a run with gaps (fewer than D rows not in this pass)
     attend over the whole run, on views: a gather of these rows copied 160 MiB a block at 128 sequences of
     320 positions (8B shapes), faulted in anew every block. At 256 sequences, 8B shapes, 2 threads, a layer took
