@@ -204,7 +204,7 @@ class NativeFFN(NamedTuple):
         if x.shape[0] != 1 or (not self.group and _COMPILED.get() is None):
             return None
         n, dim = len(self.slices), x.shape[1]
-        a = torch.empty(self.up[2].sum(), dtype=x.dtype)
+        a = torch.empty(int(self.up[2].sum()), dtype=x.dtype)  # every w1's rows, then every w3's
         if not native.gemv_pieces(self.up, x[0].contiguous(), a, self.group):
             return None
         h = (F.silu(a[:a.shape[0] // 2]) * a[a.shape[0] // 2:]).view(n, -1)

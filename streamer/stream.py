@@ -357,15 +357,15 @@ class ResidentFile(FileView):
         this file given back once it is copied (_give_back), so they take no more memory than before."""
         int8 = lambda ws: all(isinstance(w, Int8Weight) for w in ws)
         int4 = lambda ws: all(isinstance(w, Int4Weight) for w in ws)
-        native = lambda ws: (all(isinstance(w, torch.Tensor) and w.dtype == dtype for w in ws)
-                             or (int4(ws) and dtype == torch.bfloat16 and quant.int4_native()))
+        natively = lambda ws: (all(isinstance(w, torch.Tensor) and w.dtype == dtype for w in ws)
+                               or (int4(ws) and dtype == torch.bfloat16 and quant.int4_native()))
         joined = {}
         for name, parts in self.pieced.items():
             if name in self.names or name.startswith("ffn."):
                 continue
             if int8(ws := [self._weight(n) for n in parts]):
                 joined[name] = quant.joined_rows(ws, dtype)
-            elif native(ws) and (rows := kernels.native_rows(ws)) is not None:
+            elif natively(ws) and (rows := kernels.native_rows(ws)) is not None:
                 joined[name] = rows
             elif int4(ws) and len(ws) > 1 and quant.int4_rows_joinable(ws):
                 joined[name] = quant.join_int4_rows(ws, lambda i, n=parts: self._give_back(n[i]))
@@ -376,7 +376,7 @@ class ResidentFile(FileView):
         whole = bool(slices) and (len(slices) == 1 or rows(up[0]) % 64 == 0)
         if whole and int8(every):
             joined["ffn"] = quant.joined_ffn(slices, dtype)
-        elif whole and native(every) and (ffn := kernels.native_ffn(slices)) is not None:
+        elif whole and natively(every) and (ffn := kernels.native_ffn(slices)) is not None:
             joined["ffn"] = ffn
         elif len(slices) > 1 and int4(every) and quant.int4_rows_joinable(up) and quant.int4_columns_joinable(down):
             names = [f + s for s in (".w1", ".w3") for f in self.ffn]
