@@ -327,8 +327,9 @@ class ResidentFile(FileView):
     """A file's bytes, read once and kept (a memory budget's resident blocks): mapped (map_whole) or in
     private memory (read_whole). Quantized weights' scales are converted to the compute dtype once, in
     place (a mapped file copies just those pages), rather than at every matmul: on the int4 kernel that
-    took one-row throughput from 9-15 to 16-18 GB/s of codes. int4 matrices are copied into whole ones
-    (_joined), so a mapped int4 file's weights end up in private memory too."""
+    took one-row throughput from 9-15 to 16-18 GB/s of codes; the whole pages of their unused second half go back to
+    the kernel. Without the native int4 kernel, int4 matrices are copied into whole ones (_joined), so a mapped int4
+    file's weights end up in private memory too."""
 
     def __init__(self, buf: torch.Tensor, pieces: list[Piece], dtype: torch.dtype | None = None,
                  mapped: bool = False):
@@ -339,9 +340,11 @@ class ResidentFile(FileView):
         for name in self.companions.values():
             t = self.t[name]
             if dtype is not None and t.dtype.itemsize > dtype.itemsize:
-                converted = t.to(dtype)  # into the first bytes of its own storage: no extra memory kept
+                converted = t.to(dtype)  # into the first bytes of its own storage, the rest given back
                 self.t[name] = t.view(-1).view(torch.uint8)[:converted.numel() * dtype.itemsize].view(dtype).view(t.shape)
                 self.t[name].copy_(converted)
+                begin, end = self.spans[name]
+                self._free(begin + converted.numel() * dtype.itemsize, end)
         self.joined = self._joined(dtype) if dtype is not None else {}
         if mapped:  # what is kept of a mapped file's pages (a joined piece's copy was its first read)
             for t in self.t.values():
@@ -389,12 +392,16 @@ class ResidentFile(FileView):
         """name's codes and scales are copied elsewhere: their whole pages in this file's buffer go back to the
         kernel (MADV_DONTNEED: freed if private, dropped from this mapping if mapped), and the names are gone."""
         for n in (name, self.companions[name]):
-            begin, end = self.spans.pop(n)
+            self._free(*self.spans.pop(n))
             del self.t[n]
-            base = self.buf.data_ptr()
-            a, b = -(-(base + begin) // mmap.PAGESIZE) * mmap.PAGESIZE, (base + end) // mmap.PAGESIZE * mmap.PAGESIZE
-            if b > a:
-                _libc().madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), mmap.MADV_DONTNEED)
+
+    def _free(self, begin: int, end: int) -> None:
+        """The whole pages of bytes [begin, end) of this file's buffer back to the kernel (MADV_DONTNEED: freed if
+        private, dropped from this mapping if mapped); nothing may read them after."""
+        base = self.buf.data_ptr()
+        a, b = -(-(base + begin) // mmap.PAGESIZE) * mmap.PAGESIZE, (base + end) // mmap.PAGESIZE * mmap.PAGESIZE
+        if b > a:
+            _libc().madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), mmap.MADV_DONTNEED)
 
     def __getitem__(self, name: str):
         return self.joined[name] if name in self.joined else super().__getitem__(name)
