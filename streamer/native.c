@@ -228,17 +228,17 @@ static inline void block_int4(const uint8_t *pb, const uint16_t *sz, int64_t row
     for (int64_t g = 0; g < in / group; g++) {
         __m512i sum[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
         for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
+            /* the bytes permuted first, then split: a byte's two nibbles are rows r and 32 + r alike (2 permutes a
+             * quad, not 4, at the same speed: 36-38 GB/s either way against a plain read of 43-46, k19.py) */
             __m512i a = _mm512_loadu_si512(pb + k * 32), c = _mm512_loadu_si512(pb + k * 32 + 64);
-            __m512i alo = _mm512_and_si512(a, nib), clo = _mm512_and_si512(c, nib);
-            __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib);
-            __m512i chi = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);
+            __m512i p0 = _mm512_permutex2var_epi8(a, ilo, c), p1 = _mm512_permutex2var_epi8(a, ihi, c);
             int32_t quad;
             memcpy(&quad, x->q + k, 4);
             __m512i xv = _mm512_set1_epi32(quad);
-            sum[0] = _mm512_dpbusd_epi32(sum[0], _mm512_permutex2var_epi8(alo, ilo, clo), xv);
-            sum[1] = _mm512_dpbusd_epi32(sum[1], _mm512_permutex2var_epi8(alo, ihi, clo), xv);
-            sum[2] = _mm512_dpbusd_epi32(sum[2], _mm512_permutex2var_epi8(ahi, ilo, chi), xv);
-            sum[3] = _mm512_dpbusd_epi32(sum[3], _mm512_permutex2var_epi8(ahi, ihi, chi), xv);
+            sum[0] = _mm512_dpbusd_epi32(sum[0], _mm512_and_si512(p0, nib), xv);
+            sum[1] = _mm512_dpbusd_epi32(sum[1], _mm512_and_si512(p1, nib), xv);
+            sum[2] = _mm512_dpbusd_epi32(sum[2], _mm512_and_si512(_mm512_srli_epi16(p0, 4), nib), xv);
+            sum[3] = _mm512_dpbusd_epi32(sum[3], _mm512_and_si512(_mm512_srli_epi16(p1, 4), nib), xv);
         }
         const uint16_t *s = sz + g * rows * 2;  /* 64 rows' (scale, zero), 16 rows a vector */
         for (int q = 0; q < 4; q++) {
