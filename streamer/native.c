@@ -227,6 +227,11 @@ static inline void block_int4(const uint8_t *pb, const uint16_t *sz, int64_t row
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t g = 0; g < in / group; g++) {
         __m512i sum[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        /* the scales two groups on, rows * 4 bytes apart, which no prefetcher guesses: prefetched, the kernel read
+         * 38.6-40.4 GB/s against 36.5-36.9 without and a plain read of 42.2-42.7 (k19.py) */
+        if (g + 2 < in / group)
+            for (int i = 0; i < 256; i += 64)
+                _mm_prefetch((const char *)(sz + (g + 2) * rows * 2) + i, _MM_HINT_T0);
         for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
             /* the bytes permuted first, then split: a byte's two nibbles are rows r and 32 + r alike (2 permutes a
              * quad, not 4, at the same speed: 36-38 GB/s either way against a plain read of 43-46, k19.py) */
