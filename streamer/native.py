@@ -63,22 +63,14 @@ def _load() -> ctypes.CDLL:
     cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if cc is None:
         raise _Unavailable("no C compiler (cc, gcc, clang or $CC)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cc,) + CFLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc,) + CFLAGS).encode()).hexdigest()[:16]
     path = _cache_dir() / f"native-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # built aside, renamed when whole
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-            if done.returncode:
-                raise _Unavailable(f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-500:]}")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(path))
+    try:  # an unwritable cache, a $CC that is not there, a library that will not load: torch's kernels instead
+        if not path.exists():
+            _build(cc, path)
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise _Unavailable(f"cannot build or load {path}: {e}") from None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for fn in (lib.gemv_bf16, lib.gemv_int8):  # n, w, ld, rows, yoff, x, xs, y, in, threads (native.c)
         fn.argtypes = [ctypes.c_int, p, p, p, p, p, i64, p, i64, ctypes.c_int]
@@ -88,6 +80,20 @@ def _load() -> ctypes.CDLL:
     lib.attend_bf16.argtypes = [ctypes.c_int] * 4 + [p] * 3 + [i64] * 3 + [p, p, ctypes.c_float, ctypes.c_int]
     lib.attend_bf16.restype = None
     return lib
+
+
+def _build(cc: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # built aside, renamed when whole
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if done.returncode:
+            raise _Unavailable(f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _cpu_flags() -> set[str]:

@@ -161,3 +161,19 @@ def test_resident_int4_pieces_stay_where_they_are_and_give_the_streamed_output(t
     streamed, _ = stream(tmp_path / "int4", [1, 2, 3], 8, dtype=torch.bfloat16, runner_kw={"resident": []})
     assert [p.token for p in resident] == [p.token for p in streamed]
     assert [p.logprob for p in resident] == [p.logprob for p in streamed]
+
+
+@pytest.mark.parametrize("trouble", ["unwritable cache", "no such compiler"])
+def test_a_build_that_cannot_run_falls_back_and_says_why(monkeypatch, tmp_path, trouble):
+    """A cache folder that cannot be made (a file in its place) or a $CC that does not exist: no library, a reason
+    naming the path, and every caller on torch's kernels, rather than an error in the middle of a run."""
+    if missing := [f for f in native.CPU_FLAGS if f not in native._cpu_flags()]:
+        pytest.skip(f"the CPU lacks {missing}: no build is tried")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "why_not", None)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file") if trouble == "unwritable cache" else str(tmp_path))
+    if trouble == "no such compiler":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert native.library() is None and native.why_not.startswith("cannot build or load ")
+    assert native.gemv_bf16(torch.zeros(4, 64).bfloat16(), torch.zeros(64).bfloat16()) is None
