@@ -129,9 +129,10 @@ def activation_bytes(files: ModelFiles, tokens: int, batch: int, context: int) -
     qkv = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
     per_token = 2 * (5 * a.dim + qkv + 4 * 1024) + 4 * a.dim + 16 * a.head_dim
     attention = 4 * a.n_heads * min(tokens, 1024) * context if tokens > 1 else 0  # SDPA tiles
-    # resident int4 FFNs, joined, take the whole hidden dim at once below torch's int4 kernel's last row count:
-    # [w1; w3]'s output, its SiLU and their product (quant.Int4FFN.at_once)
-    joined = 2 * 4 * a.ffn_dim * min(tokens, quant.INT4_DEQUANT_ROWS - 1) if files.quantize == "int4" else 0
+    # resident int4 FFNs, joined (without the native int4 kernel), take the whole hidden dim at once below torch's
+    # int4 kernel's last row count: [w1; w3]'s output, its SiLU and their product (quant.Int4FFN.at_once)
+    joined = (2 * 4 * a.ffn_dim * min(tokens, quant.INT4_DEQUANT_ROWS - 1)
+              if files.quantize == "int4" and not quant.int4_native() else 0)
     return tokens * per_token + attention + joined + batch * a.vocab_size * 8
 
 

@@ -196,6 +196,7 @@ class NativeFFN(NamedTuple):
     slices: list[tuple]
     up: torch.Tensor
     down: torch.Tensor
+    hidden: int  # every slice's rows
     group: int = 0
 
     def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -204,10 +205,10 @@ class NativeFFN(NamedTuple):
         if x.shape[0] != 1 or (not self.group and _COMPILED.get() is None):
             return None
         n, dim = len(self.slices), x.shape[1]
-        a = torch.empty(int(self.up[2].sum()), dtype=x.dtype)  # every w1's rows, then every w3's
+        a = torch.empty(2 * self.hidden, dtype=x.dtype)  # every w1's rows, then every w3's
         if not native.gemv_pieces(self.up, x[0].contiguous(), a, self.group):
             return None
-        h = (F.silu(a[:a.shape[0] // 2]) * a[a.shape[0] // 2:]).view(n, -1)
+        h = (F.silu(a[:self.hidden]) * a[self.hidden:]).view(n, -1)
         parts = torch.empty(n, dim, dtype=x.dtype)
         native.gemv_pieces(self.down, h, parts, self.group)
         y = torch.zeros(1, dim, dtype=torch.float32)
@@ -227,20 +228,16 @@ def native_rows(pieces: list) -> NativeRows | None:
 def native_ffn(slices: list[tuple]) -> NativeFFN | None:
     """FFN slices as NativeFFN, or None where the native kernels cannot take them."""
     up, down = [t[0] for t in slices] + [t[1] for t in slices], [t[2] for t in slices]
-    if (tu := _table(up)) is None or (td := _table(down, [j * _rows(down[0]) for j in range(len(down))])) is None:
+    if (tu := _table(up)) is None or (td := _table(down)) is None:  # w2s [dim, c]: an output row each
         return None
-    return NativeFFN(slices, tu, td, _group(up))
-
-
-def _rows(w) -> int:
-    return w.shape[0] if isinstance(w, torch.Tensor) else w.packed.shape[0]
+    return NativeFFN(slices, tu, td, int(tu[2].sum()) // 2, _group(up))
 
 
 def _group(pieces: list) -> int:
     return 0 if isinstance(pieces[0], torch.Tensor) else pieces[0].group
 
 
-def _table(pieces: list, offsets: list[int] | None = None) -> torch.Tensor | None:
+def _table(pieces: list) -> torch.Tensor | None:
     if isinstance(pieces[0], torch.Tensor):
-        return native.table(pieces, offsets) if all(w.dtype == torch.bfloat16 for w in pieces) else None
-    return native.int4_table(pieces, offsets)
+        return native.table(pieces) if all(w.dtype == torch.bfloat16 for w in pieces) else None
+    return native.int4_table(pieces)

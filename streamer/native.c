@@ -75,23 +75,24 @@ static inline void rows_int8(const int8_t *w, int64_t ld, const int8_t *x, int32
 }
 
 /* The pieces' products in one parallel region: piece j is the matrix at w[j] ([rows[j], in], row stride ld[j]),
- * times x + j * xs (xs = 0: one x for all), into y + yoff[j]. The threads split all pieces' 4-row blocks evenly,
- * in order: block b of the whole is block b - first[j] of piece j. A call per piece cost ~6 us and a fork. */
+ * times x + j * xs (xs = 0: one x for all), into y + yoff[j]. The threads split all pieces' blocks of `size` rows
+ * (4; int4: 64) evenly, in order: block b of the whole is block b - first of piece j. A call per piece cost ~6 us
+ * and a fork. */
 typedef struct {
-    int n;
     const int64_t *rows;
+    int64_t size;
     int j;
     int64_t b, first;  /* the next block, and piece j's first */
 } walk;
 
-/* Thread t's first block of nt threads' share, and its end. */
-static walk walk_from(int n, const int64_t *rows, int64_t *end) {
+/* This thread's first block of its share, and its end. */
+static walk walk_from(int n, const int64_t *rows, int64_t size, int64_t *end) {
     int64_t total = 0;
     for (int j = 0; j < n; j++)
-        total += (rows[j] + 3) / 4;
+        total += (rows[j] + size - 1) / size;
     int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
     *end = total * (t + 1) / nt;
-    walk it = {n, rows, 0, total * t / nt, 0};
+    walk it = {rows, size, 0, total * t / nt, 0};
     return it;
 }
 
@@ -99,11 +100,11 @@ static walk walk_from(int n, const int64_t *rows, int64_t *end) {
 static int walk_next(walk *it, int64_t end, int *j, int64_t *row) {
     if (it->b >= end)
         return 0;
-    while (it->b >= it->first + (it->rows[it->j] + 3) / 4)
-        it->first += (it->rows[it->j++] + 3) / 4;
+    while (it->b >= it->first + (it->rows[it->j] + it->size - 1) / it->size)
+        it->first += (it->rows[it->j++] + it->size - 1) / it->size;
     *j = it->j;
-    *row = 4 * (it->b++ - it->first);
-    return it->rows[*j] - *row < 4 ? (int)(it->rows[*j] - *row) : 4;
+    *row = it->size * (it->b++ - it->first);
+    return it->rows[*j] - *row < it->size ? (int)(it->rows[*j] - *row) : (int)it->size;
 }
 
 void gemv_bf16(int n, const void *const *w, const int64_t *ld, const int64_t *rows, const int64_t *yoff,
@@ -112,7 +113,7 @@ void gemv_bf16(int n, const void *const *w, const int64_t *ld, const int64_t *ro
     {
         int64_t end, row;
         int j, r;
-        walk it = walk_from(n, rows, &end);
+        walk it = walk_from(n, rows, 4, &end);
         while ((r = walk_next(&it, end, &j, &row)))
             rows_bf16((const uint16_t *)w[j] + row * ld[j], ld[j], x + j * xs, y + yoff[j] + row, r, in);
     }
@@ -120,21 +121,17 @@ void gemv_bf16(int n, const void *const *w, const int64_t *ld, const int64_t *ro
 
 void gemv_int8(int n, const void *const *w, const int64_t *ld, const int64_t *rows, const int64_t *yoff,
                const int8_t *x, int64_t xs, int32_t *y, int64_t in, int threads) {
-    int32_t *sx = malloc(sizeof(int32_t) * n);
-    for (int j = 0; j < n; j++) {
-        sx[j] = 0;
-        for (int64_t k = 0; k < in && (j == 0 || xs); k++)
+    int32_t *sx = calloc(xs ? n : 1, sizeof(int32_t));  /* each x's sum */
+    for (int j = 0; j < (xs ? n : 1); j++)
+        for (int64_t k = 0; k < in; k++)
             sx[j] += x[j * xs + k];
-        if (!xs)
-            sx[j] = sx[0];
-    }
 #pragma omp parallel num_threads(threads)
     {
         int64_t end, row;
         int j, r;
-        walk it = walk_from(n, rows, &end);
+        walk it = walk_from(n, rows, 4, &end);
         while ((r = walk_next(&it, end, &j, &row)))
-            rows_int8((const int8_t *)w[j] + row * ld[j], ld[j], x + j * xs, y + yoff[j] + row, r, in, sx[j]);
+            rows_int8((const int8_t *)w[j] + row * ld[j], ld[j], x + j * xs, y + yoff[j] + row, r, in, sx[xs ? j : 0]);
     }
     free(sx);
 }
@@ -283,17 +280,14 @@ void gemv_int4(int n, const void *const *w, const void *const *sz, const int64_t
             hi_idx[4 * r + j] = (uint8_t)((j / 2) * 64 + (j % 2) * 32 + 16 + r);
         }
     const __m512i ilo = _mm512_loadu_si512(lo_idx), ihi = _mm512_loadu_si512(hi_idx);
-    int64_t total = 0;
-    for (int j = 0; j < n; j++)
-        total += rows[j] / 64;
 #pragma omp parallel num_threads(threads)
     {
-        int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int64_t lo = total * t / nt, hi = total * (t + 1) / nt, first = 0;
-        for (int j = 0; j < n && first < hi; first += rows[j] / 64, j++)
-            for (int64_t b = lo > first ? lo - first : 0; b < rows[j] / 64 && first + b < hi; b++)
-                block_int4((const uint8_t *)w[j] + b * 64 * (in / 2), (const uint16_t *)sz[j] + b * 128, rows[j],
-                           &xq[xs ? j : 0], y + yoff[j] + 64 * b, in, group, ilo, ihi);
+        int64_t end, row;
+        int j;
+        walk it = walk_from(n, rows, 64, &end);
+        while (walk_next(&it, end, &j, &row))  /* whole blocks of 64 rows */
+            block_int4((const uint8_t *)w[j] + row * (in / 2), (const uint16_t *)sz[j] + row * 2, rows[j],
+                       &xq[xs ? j : 0], y + yoff[j] + row, in, group, ilo, ihi);
     }
     free(f);
     free(codes);

@@ -27,7 +27,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("native.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512vbmi")  # as /proc/cpuinfo names them
-CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-mavx512vbmi", "-fopenmp", "-shared", "-fPIC")
+CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-mavx512vbmi", "-fopenmp", "-shared",
+          "-fPIC")
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -108,39 +109,38 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamer"
 
 
-def table(ws: list[torch.Tensor], offsets: list[int] | None = None, aux: list[torch.Tensor] | None = None
-          ) -> torch.Tensor | None:
+def table(ws: list[torch.Tensor], aux: list[torch.Tensor] | None = None) -> torch.Tensor | None:
     """What the native kernels read of matrices ws [rows_j, in] (one dtype, one input width, contiguous rows):
-    their addresses, row strides, rows, where each one's outputs start (offsets; default: one after another) and
-    the address of each one's aux tensor (int4's scales and zeros), int64 [5, n]. It holds addresses, not the
-    tensors: they must outlive it. None where the kernels cannot take ws."""
+    their addresses, row strides, rows, where each one's outputs start (one after another) and the address of each
+    one's aux tensor (int4's scales and zeros), int64 [5, n]. It holds addresses, not the tensors: they must
+    outlive it. None where the kernels cannot take ws."""
     if not ws or any(w.dim() != 2 or w.stride(1) != 1 or w.dtype != ws[0].dtype or w.shape[1] != ws[0].shape[1]
                      for w in ws):
         return None
     rows = [w.shape[0] for w in ws]
-    if offsets is None:
-        offsets = [sum(rows[:j]) for j in range(len(ws))]
-    return torch.tensor([[w.data_ptr() for w in ws], [w.stride(0) for w in ws], rows, offsets,
+    starts = [sum(rows[:j]) for j in range(len(ws))]
+    return torch.tensor([[w.data_ptr() for w in ws], [w.stride(0) for w in ws], rows, starts,
                          [a.data_ptr() for a in aux] if aux else [0] * len(ws)], dtype=torch.int64)
 
 
-def int4_table(pieces, offsets: list[int] | None = None) -> torch.Tensor | None:
+def int4_table(pieces) -> torch.Tensor | None:
     """table() of int4 matrices (quant.Int4Weight: codes [rows, in / 2] in torch's layout, scales and zeros
     [in / group, rows, 2] in bf16, each contiguous, rows whole blocks of 64); None where gemv_int4 cannot take them."""
     if pieces[0].group % 4 or any(p.packed.shape[0] % 64 or not p.packed.is_contiguous() or p.group != pieces[0].group
                                   or p.sz.dtype != torch.bfloat16 or not p.sz.is_contiguous() for p in pieces):
         return None
-    return table([p.packed for p in pieces], offsets, [p.sz for p in pieces])
+    return table([p.packed for p in pieces], [p.sz for p in pieces])
 
 
 def gemv_pieces(tab: torch.Tensor, x: torch.Tensor, out: torch.Tensor, group: int = 0) -> bool:
     """The one-row products of every matrix in tab (table(), or int4_table() with its group) in one call: x [in]
     (one for all) or [n, in] (one each), bf16 (for bf16 or int4 matrices) or int8, written to the contiguous out
-    (bf16, or int32 exact sums) at each one's offset. False, with out untouched, where there is no native library.
-    It reads and writes by address: the caller sees to shapes, dtypes and contiguity."""
+    (bf16, or int32 exact sums) one matrix's rows after another's. False, with out untouched, where there is no
+    native library. It reads and writes by address: the caller sees to shapes, dtypes and contiguity."""
     if (lib := library()) is None or (group and x.dtype != torch.bfloat16):
         return False
-    assert x.is_contiguous() and out.is_contiguous() and out.dtype == (torch.int32 if x.dtype == torch.int8 else x.dtype)
+    assert x.is_contiguous() and out.is_contiguous()
+    assert out.dtype == (torch.int32 if x.dtype == torch.int8 else x.dtype)
     n, at, inp = tab.shape[1], tab.data_ptr(), x.shape[-1]
     xs, threads = (inp if x.dim() == 2 else 0), torch.get_num_threads()
     if group:
@@ -155,7 +155,8 @@ def gemv_pieces(tab: torch.Tensor, x: torch.Tensor, out: torch.Tensor, group: in
 def gemv_bf16(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """w [out, in] @ x [in] -> [out] bf16, products and sums in float32, rounded once; None where the native
     kernel cannot take them (not bf16, rows not contiguous, or no library)."""
-    if w.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or x.shape != (w.shape[-1],) or (tab := table([w])) is None:
+    if (w.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or x.shape != (w.shape[-1],)
+            or (tab := table([w])) is None):
         return None
     y = torch.empty(w.shape[0], dtype=torch.bfloat16)
     return y if gemv_pieces(tab, x.contiguous(), y) else None
@@ -191,15 +192,14 @@ def attend_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.T
     return out
 
 
-def gemv_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor | None:
+def gemv_int4(x: torch.Tensor, w) -> torch.Tensor | None:
     """x [in] bf16 @ W.T for int4 codes in torch's CPU layout (quant.Int4Weight: packed [rows, in / 2], sz
     [in / group, rows, 2]), x quantized to int8 a group at a time -> [rows] bf16 (native.c's gemv_int4 says how).
     None where the native kernel cannot take them: not bf16, rows not whole blocks of 64, or no library."""
-    from .quant import Int4Weight
-    if x.dtype != torch.bfloat16 or x.shape != (2 * packed.shape[1],) or x.shape[0] % group:
+    if x.dtype != torch.bfloat16 or x.shape != (2 * w.packed.shape[1],) or x.shape[0] % w.group:
         return None
-    w = Int4Weight(packed, sz.to(torch.bfloat16).contiguous())  # kept while the kernel reads it by address
+    w = w._replace(sz=w.sz.to(torch.bfloat16).contiguous())  # kept while the kernel reads it by address
     if (tab := int4_table([w])) is None:
         return None
-    y = torch.empty(packed.shape[0], dtype=torch.bfloat16)
-    return y if gemv_pieces(tab, x.contiguous(), y, group) else None
+    y = torch.empty(w.packed.shape[0], dtype=torch.bfloat16)
+    return y if gemv_pieces(tab, x.contiguous(), y, w.group) else None

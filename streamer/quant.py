@@ -189,7 +189,7 @@ class Int8FFN(NamedTuple):
     up: Int8Rows
     down: list[Int8Weight]
     s2: torch.Tensor
-    table: torch.Tensor | None = None  # the slices' w2 for native.gemv_pieces, one output row each
+    table: torch.Tensor | None = None  # the slices' w2 for native.gemv_pieces (each [dim, c]: an output row each)
 
     @property
     def slices(self) -> list[tuple[Int8Weight, Int8Weight, Int8Weight]]:
@@ -222,8 +222,7 @@ def joined_rows(pieces: list[Int8Weight], dtype: torch.dtype) -> Int8Rows:
 def joined_ffn(slices: list[tuple[Int8Weight, Int8Weight, Int8Weight]], dtype: torch.dtype) -> Int8FFN:
     down = [t[2] for t in slices]
     return Int8FFN(joined_rows([t[0] for t in slices] + [t[1] for t in slices], dtype), down,
-                   torch.stack([weight_scale(w, dtype) for w in down]),
-                   native.table([w.q for w in down], [j * w.q.shape[0] for j, w in enumerate(down)]))
+                   torch.stack([weight_scale(w, dtype) for w in down]), native.table([w.q for w in down]))
 
 
 def int8_rows_one_row(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
@@ -361,7 +360,8 @@ def join_int4_columns(pieces: list[Int4Weight], done=lambda i: None) -> Int4Weig
 
 def int4_native() -> bool:
     """Whether one-row int4 products take the native kernel (native.gemv_int4): then a resident int4 file keeps its
-    pieces as they are, mapped, rather than joined into private copies of whole matrices for torch's kernel."""
+    pieces as they are (read into private memory: budget.plan), rather than joined into whole matrices for torch's
+    kernel."""
     return int4_layout_known() and native.available()
 
 
@@ -398,7 +398,7 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
     if x.shape[0] >= int4_kernel_rows():
         return _int4_as_int8_matmul(x, w, kernels.int4_compiled())
-    if x.shape[0] == 1 and int4_native() and (y := native.gemv_int4(x[0], w.packed, w.sz, w.group)) is not None:
+    if x.shape[0] == 1 and int4_native() and (y := native.gemv_int4(x[0], w)) is not None:
         return y[None]
     return torch._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.sz.to(x.dtype))
 
