@@ -52,13 +52,15 @@ def auto_compile(p: Plan, dtype: torch.dtype, quantized: bool = False) -> bool:
 def plan_run(files: ModelFiles, budget: int | None, batch: int, context: int, compile: bool | str,
              dtype: torch.dtype, **kw) -> tuple[Plan, bool]:
     """A run's memory plan (budget.plan; kw: keep_resident, draft, kv_first) and whether it compiles its kernels.
-    compile=True plans their memory (KERNELS), and a budget that cannot hold it is refused, naming them; "auto"
-    compiles where auto_compile says it pays back and the budget holds them too, else runs eager."""
+    compile=True plans their memory (KERNELS) where inductor compiles any (kernels.inductor_needed), and a budget
+    that cannot hold it is refused, naming them; "auto" compiles where auto_compile says it pays back and the
+    budget holds them too, else runs eager."""
     on = compile not in (False, "auto")
-    p = plan(files, budget, batch, context, **kw, kernels=KERNELS if on else 0)
+    held = KERNELS if kernels.inductor_needed(dtype, files.args.head_dim, files.quantize == "int4") else 0
+    p = plan(files, budget, batch, context, **kw, kernels=held if on else 0)
     if compile == "auto" and auto_compile(p, dtype, bool(files.quantize)):
         with contextlib.suppress(StreamerError):
-            p, on = plan(files, budget, batch, context, **kw, kernels=KERNELS), True
+            p, on = plan(files, budget, batch, context, **kw, kernels=held), True
     return p, on
 
 
@@ -222,7 +224,7 @@ class Engine:
         self.plan, compile = plan_run(self.files, self.budget, batch, context, self.compile, self.dtype,
                                       keep_resident=self.keep_resident, kv_first=kv_first,
                                       draft=self.draft.files if self.draft else None)
-        first = self.plan.budget - self.plan.predicted_peak < COMPILE_MEMORY
+        first = self.plan.kernels > 0 and self.plan.budget - self.plan.predicted_peak < COMPILE_MEMORY
         self._runner = Runner(self.files, self.dtype, self.monitor, compile=compile, compile_first=compile and first,
                               batch=self.plan.batch, **{**self.plan.runner_kwargs(), **self.runner_options})
         return self._runner

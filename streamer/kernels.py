@@ -118,6 +118,13 @@ def _apart(n: int, taken: set[int]) -> int:
     return n
 
 
+def inductor_needed(dtype: torch.dtype, head_dim: int, int4: bool) -> bool:
+    """Whether warm_up compiles anything with inductor for this run: int4 tiles (an int4 split), or a one-row
+    matmul or decode attention the native library does not take. A bf16 run on the native library compiles
+    nothing, so its plan keeps no memory for compiled kernels."""
+    return int4 or not native.can_attend(dtype, head_dim)  # can_attend: bf16, this head size, the library loads
+
+
 def can_compile() -> bool:
     """Whether inductor can build kernels here (it needs a C++ compiler)."""
     return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None

@@ -107,6 +107,28 @@ def test_resident_bf16_pieces_in_one_native_call_give_the_streamed_output(tmp_pa
     assert [p.logprob for p in resident] == [p.logprob for p in streamed]
 
 
+@pytest.mark.parametrize("with_library", [True, False])
+def test_a_bf16_run_on_the_native_library_plans_no_compiled_kernels(tmp_path, monkeypatch, with_library):
+    """compile=True on bf16 with the library: its one-row matmuls and decode attention are native, inductor
+    compiles nothing, so the plan keeps no memory for compiled kernels (budget.KERNELS), which go to the weights.
+    Without the library the same run compiles them, and plans their memory."""
+    if with_library and not native.available():
+        pytest.skip(f"no native kernels: {native.why_not}")
+    from conftest import HD64_TIED, make_split
+    from streamer import Engine
+    from streamer.budget import KERNELS
+    if not with_library:
+        monkeypatch.setattr(native, "available", lambda: False)
+    compiled = []
+    monkeypatch.setattr(kernels, "_get", lambda fn, dynamic=True: compiled.append(fn) or fn)  # what inductor would get
+    folder = make_split(tmp_path, HD64_TIED)
+    with Engine(folder, dtype="bfloat16", max_seq_len=32, compile=True) as engine:
+        runner = engine.runner(1, 16)
+        runner._warm.result()
+        assert engine.plan.kernels == (0 if with_library else KERNELS)
+        assert bool(compiled) != with_library
+
+
 @needs_native
 @pytest.mark.parametrize("D,H,KV,hd,S", [(1, 32, 8, 128, 17), (3, 8, 2, 64, 40), (2, 4, 4, 16, 5)])
 def test_decode_attention_is_the_compiled_kernels_math(D, H, KV, hd, S):
