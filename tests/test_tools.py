@@ -54,6 +54,21 @@ def test_bench_smoke(tmp_path, tiny):
 
 
 @pytest.mark.skipif(not available()[0], reason=f"memcap cannot run here: {available()[1]}")
+def test_floor_reads_read_every_byte(tmp_path):
+    """bench.floor_read: each of its readers, the runner's own included, reads whole files (odd sizes, a file
+    smaller than one chunk) and the fastest is named."""
+    sys.path.insert(0, str(TOOLS))
+    from bench import FLOOR_READS, cold_read, floor_read, stream_read
+    paths = []
+    for i, size in enumerate([(16 << 20) + 12345, 5000, 3 << 20]):
+        paths.append(tmp_path / f"f{i}")
+        paths[-1].write_bytes(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes())
+    total = sum(p.stat().st_size for p in paths)
+    assert stream_read(paths, readers=3)["bytes"] == total == cold_read(paths, 2)["bytes"]
+    best = floor_read(paths)
+    assert best["how"] in FLOOR_READS and set(best["all"]) == set(FLOOR_READS) and best["seconds"] == min(best["all"].values())
+
+
 def test_bench_caps_smoke(tiny):
     r = subprocess.run([sys.executable, TOOLS / "bench_caps.py", tiny[1], "--caps", "384M,1G", "--new-tokens", "4",
                         "--prompt-len", "8"], capture_output=True, text=True, timeout=300)

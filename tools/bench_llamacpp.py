@@ -12,7 +12,7 @@ rounds of A B: streamer (`Engine.stream`, planned for the cap as the CLI plans i
 Reported per run: time to first token (from the process's start to its first generated token on stdout:
 imports, loading and the prompt), decode s/token (the mean over the tokens after the first, as llama.cpp
 reports it), peak RSS (and the cgroup's peak under a cap). The floors: the memory read rate (bench.py's membw) and one
-step's cold disk read (bench.py's floor4), measured in the same run, so that a decode step's floor is
+step's cold disk read (bench.py's floor_read: the fastest of its readers), measured in the same run, so that a decode step's floor is
 streamed bytes ÷ disk rate + resident bytes ÷ memory rate.
 """
 import argparse
@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench import MEMCAP, cold_read, drop_caches, memory_read_rate, step_files  # noqa: E402
+from bench import MEMCAP, drop_caches, floor_read, memory_read_rate, step_files  # noqa: E402
 
 SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp at commit 0c1e570 (2026-10-01)
 TARGETS = ["llama-quantize", "llama-bench", "llama-completion", "llama-tokenize"]
@@ -194,8 +194,8 @@ def report(runs: list[dict], floors: dict) -> str:
                     peak += " (cgroup: " + "–".join(dict.fromkeys(f"{r['peak_bytes'] / 2**30:.1f}" for r in ok)) + ")"
                 rows.append(f"| {cap} | {fmt} | {name} | {span('ttft_s', '{:.1f}')} s{first} | {span('decode_s')} | {floor} | "
                             f"{ratio} | {peak} GiB |")
-    head = (f"memory read rate {bw / 1e9:.1f} GB/s, cold disk read {disk / 1e9:.2f} GB/s (4 readers, one step's "
-            f"files); ranges over {max(len([r for r in runs if r['engine'] == 'streamer' and r['cap'] == runs[0]['cap'] and r['format'] == runs[0]['format']]), 1)} rounds")
+    head = (f"memory read rate {bw / 1e9:.1f} GB/s, cold disk read {disk / 1e9:.2f} GB/s (one step's files, the "
+            f"fastest of bench.floor_read's readers: {floors.get('disk_read', '4 readers')}); ranges over {max(len([r for r in runs if r['engine'] == 'streamer' and r['cap'] == runs[0]['cap'] and r['format'] == runs[0]['format']]), 1)} rounds")
     return head + "\n\n" + "\n".join(rows)
 
 
@@ -229,7 +229,10 @@ def main() -> None:
     ids = prompt_ids(a.model)
     floors = {"memory_bps": memory_read_rate(), "disk_bps": None}
     drop_caches()
-    floors["disk_bps"] = cold_read(step_files(a.model), 4)["gbps"] * 1e9
+    paths = step_files(a.model)
+    read = floor_read(paths)
+    floors |= {"disk_bps": sum(p.stat().st_size for p in paths) / read["seconds"], "disk_read": read["how"],
+               "disk_reads_s": read["all"]}
     print(f"floors: {floors}", file=sys.stderr)
     runs = []
     for cap in a.caps.split(","):

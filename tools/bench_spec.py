@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench import MEMCAP, cold_read, drop_caches  # noqa: E402
+from bench import MEMCAP, drop_caches, floor_read  # noqa: E402
 
 
 class Oracle:
@@ -94,8 +94,8 @@ def worker_passes(a) -> dict:
         gen = torch.Generator().manual_seed(0)
         streamed = [a.target / n for n in runner.names if n not in runner.resident]
         for _ in range(a.rounds):
-            if streamed:  # the disk floor of this round: the same bytes, read cold (O_DIRECT, as fast as it goes here)
-                reads.append(cold_read(streamed, 4, direct=True)["seconds"])
+            if streamed:  # the disk floor of this round: the same bytes, read cold, the fastest way here
+                reads.append(floor_read(streamed)["seconds"])
             for t in [0] + sizes:
                 tree = NOTHING if t == 0 else Tree(torch.randint(0, engine.args.vocab_size, (t,), generator=gen).tolist(),
                                                    [i // 4 - 1 for i in range(t)])
