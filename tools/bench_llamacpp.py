@@ -6,7 +6,7 @@ Setup, once (outside the repository; minutes, not CI):
       # model-bf16.gguf (tools/make_gguf.py), then model-q8_0.gguf and model-q4_0.gguf (llama-quantize)
 
 Run: for every cap (none = all in RAM) and format (bf16 / int8 / int4 against bf16 / Q8_0 / Q4_0), `--rounds`
-rounds of A B: streamer (`Engine.stream`, planned for the cap as the CLI plans it), then llama.cpp
+rounds of A B, then B A: streamer (`Engine.stream`, planned for the cap as the CLI plans it) and llama.cpp
 (`llama-completion`, mmap, `--no-warmup` so that its first reads are counted), each in a fresh process under
 `streamer memcap`, the page cache dropped before each, the same prompt ids, `--tokens` greedy tokens.
 Reported per run: time to first token (from the process's start to its first generated token on stdout:
@@ -35,6 +35,8 @@ CMAKE = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=
 GGUF = {"bf16": "model-bf16.gguf", "int8": "model-q8_0.gguf", "int4": "model-q4_0.gguf"}
 PEER = {"bf16": "bf16", "int8": "Q8_0", "int4": "Q4_0"}
 FIRST = "first token"
+ENGINES = ("streamer", "llama.cpp")  # the order of a round's runs, reversed every other round: the first run of a
+# bench fills the page cache first in the hour, and this VM's fresh memory cost 0.25-1.3 s/GB (notes/s15)
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
 
@@ -238,7 +240,7 @@ def main() -> None:
     for cap in a.caps.split(","):
         for fmt in a.formats.split(","):
             for rnd in range(a.rounds):
-                for engine in ("streamer", "llama.cpp"):
+                for engine in ENGINES if rnd % 2 == 0 else ENGINES[::-1]:  # A B, then B A: neither always first
                     r = measure(engine, fmt, cap, a, ids) | {"cap": cap, "format": fmt, "engine": engine, "round": rnd}
                     runs.append(r)
                     print(json.dumps(r), file=sys.stderr, flush=True)
