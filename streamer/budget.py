@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from . import quant
+from . import native, quant
 from .errors import StreamerError
 from .layout import ModelFiles
 from .runner import MAX_PASS_TOKENS
@@ -22,7 +22,7 @@ BASELINE = 224 << 20  # Python + torch + tokenizer, private, measured at setup: 
 RING_CAP = 256 << 20  # a larger ring reads no faster, and what it would take keeps blocks resident instead. Measured
 # on the 8B bf16: the stream alone read 3.15-3.24 GB/s with rings of 160 to 872 MiB; at 96, 128 and 160 sequences
 # (reads and compute about even) decode steps took the same with 256 MiB as with 1 GiB, within 1%; under memcap
-# 2G, 256 MiB left room for 2 resident blocks against 1, and steps of 4.36 and 4.51 s against 4.53 and 4.57
+# 2G, 256 MiB left room for 3 resident blocks against 1, and steps of 4.15 and 4.30 s against 4.71 and 4.56
 
 
 def parse_size(text: str, param: str | None = None) -> int:
@@ -146,6 +146,12 @@ def draft_bytes(files: ModelFiles, context: int, batch: int = 1) -> int:
     return p.predicted_peak - BASELINE - p.code_cache
 
 
+def private_pages_faster(files: ModelFiles) -> bool:
+    """Whether the native kernels read this split's resident matrices (int8, or int4 in torch's layout), which
+    they read faster from private memory than from the file's mapped pages (plan)."""
+    return bool(files.quantize) and native.available() and (files.quantize != "int4" or quant.int4_native())
+
+
 def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: int = 2048,
          keep_resident: bool = True, draft: ModelFiles | None = None, kv_first: bool = False, kernels: int = 0) -> Plan:
     """Split `budget` (default: the available memory) into activations, the ring and resident files, and keep
@@ -199,10 +205,11 @@ def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: 
     kv_slots = min(batch, max(left, 0) // per_slot) if keep_resident else 0  # as many sequences' as fit, in RAM
     kv_ram = kv_slots * per_slot
     # Resident files: under a memory cgroup, private copies, which the kernel cannot drop, so the budget holds
-    # honestly; with none, the files' own mapped pages: loading costs one cold read instead of two to six. int4
-    # files excepted where the native kernel reads them: the all-resident 8B int4 stepped in 0.146 s on mapped
-    # pages against 0.130 on private ones (medians of 8 rounds, alternating in one process, a7_private.py)
-    mapped = cgroup_limit() is None and not (files.quantize == "int4" and quant.int4_native())
+    # honestly; with none, the files' own mapped pages: loading costs one cold read instead of two to six. Quantized
+    # files excepted where the native kernels read them, which read private pages faster: all resident, the 8B int4
+    # stepped in 0.146 s on mapped pages against 0.130 on private ones (medians of 8 rounds, a7_private.py), the 8B
+    # int8 in 0.214 against 0.184 (medians of 24 steps, a8_int8_private.py; alternating in one process each)
+    mapped = cgroup_limit() is None and not private_pages_faster(files)
     return Plan(budget, batch, context, ring, resident, tokens, act, kv_block, code, streamed, sizes, kv_ram, mapped, held,
                 kv_slots, kernels)
 
@@ -257,7 +264,7 @@ def main(args: argparse.Namespace) -> int:
           + (f" ({blocks[0]} .. {blocks[-1]})" if blocks else "")
           + ("" if not p.resident else ", as mapped file pages (no memory cgroup)" if p.mapped
              else ", in private memory (a memory cgroup's limit applies)" if cgroup_limit() is not None
-             else ", in private memory (int4's kernel reads private pages faster)")
+             else f", in private memory ({files.quantize}'s native kernel reads private pages faster)")
           + ("; their int4 matrices copied whole into private memory"
              if p.resident and files.quantize == "int4" and not quant.int4_native() else ""))
     print(f"  read per step    {p.bytes_per_step / 1e9:.2f} GB; prefill passes of up to {p.max_pass_tokens} tokens")

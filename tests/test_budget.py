@@ -46,6 +46,23 @@ def test_resident_files_are_private_only_under_a_memory_cgroup(folder, monkeypat
     assert plan(ModelFiles(folder), 8 << 30).runner_kwargs()["mapped"] is False
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("with_library", [True, False])
+def test_quantized_files_stay_private_where_the_native_kernels_read_them(folder, monkeypatch, quantize, with_library):
+    """With no cgroup, a quantized split's resident files are private copies where the native kernels read them
+    (faster than from mapped pages), else the files' mapped pages as bf16's are."""
+    from streamer import budget, native, quant
+    from streamer.split import split
+    monkeypatch.setattr(budget, "cgroup_limit", lambda: None)
+    monkeypatch.setattr(native, "available", lambda: with_library)
+    out = folder.parent / quantize
+    if not out.exists():
+        split(folder.parent / "meta", out, quantize=quantize)
+    native_reads = with_library and (quantize == "int8" or quant.int4_layout_known())
+    assert plan(ModelFiles(out), 8 << 30).runner_kwargs()["mapped"] is not native_reads
+    assert plan(ModelFiles(folder), 8 << 30).runner_kwargs()["mapped"] is True
+
+
 def test_a_draft_model_takes_its_share_first(folder, tmp_path):
     """A speculative draft is kept whole in RAM: the plan sets its weights, activations and KV aside, shows
     them, and refuses, naming it, a budget that cannot hold it beside the smallest run of the target."""
