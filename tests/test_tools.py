@@ -53,11 +53,10 @@ def test_bench_smoke(tmp_path, tiny):
     assert "| none | ok |" in (tmp_path / "m.md").read_text()
 
 
-@pytest.mark.skipif(not available()[0], reason=f"memcap cannot run here: {available()[1]}")
-def test_floor_reads_read_every_byte(tmp_path):
+def test_floor_reads_read_every_byte(tmp_path, monkeypatch):
     """bench.floor_read: each of its readers, the runner's own included, reads whole files (odd sizes, a file
     smaller than one chunk) and the fastest is named."""
-    sys.path.insert(0, str(TOOLS))
+    monkeypatch.syspath_prepend(str(TOOLS))
     from bench import FLOOR_READS, cold_read, floor_read, stream_read
     paths = []
     for i, size in enumerate([(16 << 20) + 12345, 5000, 3 << 20]):
@@ -69,6 +68,7 @@ def test_floor_reads_read_every_byte(tmp_path):
     assert best["how"] in FLOOR_READS and set(best["all"]) == set(FLOOR_READS) and best["seconds"] == min(best["all"].values())
 
 
+@pytest.mark.skipif(not available()[0], reason=f"memcap cannot run here: {available()[1]}")
 def test_bench_caps_smoke(tiny):
     r = subprocess.run([sys.executable, TOOLS / "bench_caps.py", tiny[1], "--caps", "384M,1G", "--new-tokens", "4",
                         "--prompt-len", "8"], capture_output=True, text=True, timeout=300)

@@ -70,9 +70,9 @@ def cold_read(paths: list[Path], readers: int, chunk: int = 16 << 20, direct: bo
 
 
 def stream_read(paths: list[Path], readers: int = 4, ring: int = 256 << 20) -> dict:
-    """Read every byte of `paths` as the runner does: its WeightStream (O_DIRECT preads, `readers` threads, into a
-    ring of huge pages), each 16 MiB taken and given back in turn, no compute. Here it read 3.1-3.3 GB/s where
-    cold_read's 4 O_DIRECT readers read 1.6-2.6, alternating in one process (notes/s16 d5_ab.py)."""
+    """Read every byte of `paths` as the runner does: its WeightStream (O_DIRECT preads over `readers` threads into
+    its ring), each 16 MiB taken and given back in turn, no compute. Here it read 3.1-3.3 GB/s where cold_read's 4
+    O_DIRECT readers read 1.6-2.6 GB/s, alternating in one process (d5_ab.py)."""
     from streamer.stream import READ_CHUNK, Piece, WeightStream
     files = [(p, [Piece(-1, f"{p.name}@{off}", torch.uint8, (n,), off, n)
                   for off in range(0, size, READ_CHUNK) for n in [min(READ_CHUNK, size - off)]])

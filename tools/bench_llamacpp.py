@@ -35,8 +35,9 @@ CMAKE = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=
 GGUF = {"bf16": "model-bf16.gguf", "int8": "model-q8_0.gguf", "int4": "model-q4_0.gguf"}
 PEER = {"bf16": "bf16", "int8": "Q8_0", "int4": "Q4_0"}
 FIRST = "first token"
-ENGINES = ("streamer", "llama.cpp")  # the order of a round's runs, reversed every other round: the first run of a
-# bench fills the page cache first in the hour, and this VM's fresh memory cost 0.25-1.3 s/GB (notes/s15)
+ENGINES = ("streamer", "llama.cpp")  # a round's order, reversed every other round, so that what the order does falls
+# on both: the first run of a bench fills fresh memory (0.25-1.3 s/GB on this VM), and a run right after one of
+# its own engine loaded faster (llama.cpp's first token in 5.0-6.4 s then, against 6.9-14.1 otherwise)
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
 
