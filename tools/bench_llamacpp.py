@@ -37,7 +37,7 @@ PEER = {"bf16": "bf16", "int8": "Q8_0", "int4": "Q4_0"}
 FIRST = "first token"
 ENGINES = ("streamer", "llama.cpp")  # a round's order, reversed every other round, so that what the order does falls
 # on both: the first run of a bench fills fresh memory (0.25-1.3 s/GB on this VM), and a run right after one of
-# its own engine loaded faster (llama.cpp's first token in 5.0-6.4 s then, against 6.9-14.1 otherwise)
+# its own engine loaded faster (all in RAM, llama.cpp's first token in 5.0-8.0 s then, against 6.9-14.3 otherwise)
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
 
