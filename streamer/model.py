@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .args import ModelArgs
-from .kernels import decode_attention, linear_one_row
+from .kernels import decode_attention, linear_one_row, prefill_attention
 from .quant import JOINED_FFN, JOINED_ROWS, qlinear
 
 
@@ -66,6 +66,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
     at positions start..start+T-1; k, v [start+T, KV, hd]. Query head h reads kv head h // (H/KV). Returns [T, H*hd].
     mask (bool [T, start+T]) replaces causality: the rows of a draft tree see their ancestors only."""
     T, H, hd = q.shape
+    if mask is None and (out := prefill_attention(q, k, v, start)) is not None:
+        return out
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, T|S, hd)
     causal = mask is None and T > 1 and start == 0
     if mask is None and T > 1 and start > 0:  # query t sees keys 0..start+t

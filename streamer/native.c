@@ -186,6 +186,133 @@ void attend_bf16(int D, int H, int KV, int hd, const uint16_t *q, const uint16_t
     }
 }
 
+/* e^x for x <= 0 (Cephes' expf: 2^n e^r, |r| <= ln 2 / 2, a degree-6 polynomial; within ~2 ulp) */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* All G heads' scores of 16 positions (kb: their keys, [hd, 16] float32), two chains each along hd, into ps + h * Sp;
+ * masked lanes -inf. Inlined per G and hd, so that the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void scores16(const float *kb, const float (*qs)[512], int G, int hd,
+                                                          __mmask16 m, float *ps, int64_t Sp) {
+    __m512 a[8][2];
+    for (int h = 0; h < G; h++)
+        a[h][0] = a[h][1] = _mm512_setzero_ps();
+    for (int i = 0; i < hd; i += 2) {
+        __m512 k0 = _mm512_load_ps(kb + i * 16), k1 = _mm512_load_ps(kb + (i + 1) * 16);
+        for (int h = 0; h < G; h++) {
+            a[h][0] = _mm512_fmadd_ps(_mm512_set1_ps(qs[h][i]), k0, a[h][0]);
+            a[h][1] = _mm512_fmadd_ps(_mm512_set1_ps(qs[h][i + 1]), k1, a[h][1]);
+        }
+    }
+    for (int h = 0; h < G; h++)
+        _mm512_store_ps(ps + h * Sp, _mm512_mask_blend_ps(m, _mm512_set1_ps(-INFINITY), _mm512_add_ps(a[h][0], a[h][1])));
+}
+
+/* o[hd] = bf16(sum over s < n of p[s] * vg[s, :] * inv), hd / 16 accumulators (inlined per hd: in registers) */
+static inline __attribute__((always_inline)) void weigh16(const float *vg, const float *p, int64_t n, int hd, float inv,
+                                                         uint16_t *o) {
+    __m512 acc[32];
+    for (int i = 0; i < hd / 16; i++)
+        acc[i] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; s++) {
+        __m512 w = _mm512_set1_ps(p[s]);
+        for (int i = 0; i < hd / 16; i++)
+            acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vg + s * hd + 16 * i), acc[i]);
+    }
+    for (int i = 0; i < hd / 16; i++) {
+        float f[16];
+        _mm512_storeu_ps(f, _mm512_mul_ps(acc[i], _mm512_set1_ps(inv)));
+        for (int j = 0; j < 16; j++)
+            o[16 * i + j] = bf16_round(f[j]);
+    }
+}
+
+/* Causal attention of one sequence's T new rows (a prompt's chunk): q [T, H, hd] (contiguous) at positions
+ * start .. start + T - 1; keys and values at k + s * ss + g * sg (v alike) for positions s < start + T and kv heads
+ * g; row t sees positions s <= start + t, and query head h reads kv head h / (H / KV). Scores, softmax and the
+ * weighted sum of values in float32, rounded to bf16 once, into out [T, H * hd]; hd % 16 == 0, H / KV <= 8. work
+ * holds KV * hd * Sp + KV * S * hd + threads * H / KV * Sp floats, 64-byte aligned (S = start + T, Sp = S rounded
+ * up to 16): each kv head's keys in float32, 16 positions at a time transposed ([Sp / 16, hd, 16]: the scores of
+ * 16 positions are then 16-wide multiply-adds down hd, reading 64 contiguous bytes each), its values in float32,
+ * and each thread's scores for a row's heads. The threads split the (row, kv head) pairs cyclically, since later
+ * rows see more positions. */
+void attend_prefill_bf16(int T, int64_t start, int H, int KV, int hd, const uint16_t *q, const uint16_t *k,
+                         const uint16_t *v, int64_t ss, int64_t sg, uint16_t *out, float scale, float *work,
+                         int threads) {
+    int64_t S = start + T, Sp = (S + 15) / 16 * 16;
+    float *kt = work, *vf = kt + KV * hd * Sp;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t gs = 0; gs < KV * Sp; gs++) {
+            int64_t g = gs / Sp, s = gs % Sp;
+            float *blk = kt + ((g * (Sp / 16) + s / 16) * hd) * 16 + s % 16;
+            for (int i = 0; i < hd; i++)
+                blk[i * 16] = s < S ? bf16_float(k[s * ss + g * sg + i]) : 0.0f;
+            for (int i = 0; s < S && i < hd; i += 16)
+                _mm512_storeu_ps(vf + (g * S + s) * hd + i, bf16_load(v + s * ss + g * sg + i));
+        }
+        int G = H / KV;
+        float *ps = vf + KV * S * hd + omp_get_thread_num() * G * Sp, qs[8][512];
+#pragma omp for schedule(static, 1)
+        for (int64_t tg = 0; tg < (int64_t)T * KV; tg++) {
+            int64_t t = tg / KV, g = tg % KV, n = start + t + 1;  /* positions row t sees */
+            const float *vg = vf + g * S * hd;
+            for (int h = 0; h < G; h++)
+                for (int i = 0; i < hd; i++)
+                    qs[h][i] = bf16_float(q[(t * H + g * G + h) * hd + i]) * scale;
+            for (int64_t s = 0; s < n; s += 16) {  /* all G heads' scores at once: each key value is loaded once */
+                const float *kb = kt + (g * (Sp / 16) + s / 16) * hd * 16;
+                __mmask16 m = n - s >= 16 ? 0xffff : (__mmask16)((1u << (n - s)) - 1);
+                float *p = ps + s;
+                if (hd == 128 && G == 4)
+                    scores16(kb, (const float (*)[512])qs, 4, 128, m, p, Sp);
+                else if (hd == 128 && G == 8)
+                    scores16(kb, (const float (*)[512])qs, 8, 128, m, p, Sp);
+                else if (hd == 64 && G == 4)
+                    scores16(kb, (const float (*)[512])qs, 4, 64, m, p, Sp);
+                else
+                    scores16(kb, (const float (*)[512])qs, G, hd, m, p, Sp);
+            }
+            for (int hh = 0; hh < G; hh++) {
+                int h = g * G + hh;
+                float *p = ps + hh * Sp;
+                __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+                for (int64_t s = 0; s < n; s += 16)
+                    top = _mm512_max_ps(top, _mm512_load_ps(p + s));
+                __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+                for (int64_t s = 0; s < n; s += 16) {
+                    __mmask16 m = n - s >= 16 ? 0xffff : (__mmask16)((1u << (n - s)) - 1);
+                    __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_load_ps(p + s), mx)));
+                    _mm512_store_ps(p + s, e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                float inv = 1.0f / _mm512_reduce_add_ps(sum);
+                uint16_t *o = out + (t * H + h) * hd;
+                if (hd == 128)
+                    weigh16(vg, p, n, 128, inv, o);
+                else if (hd == 64)
+                    weigh16(vg, p, n, 64, inv, o);
+                else
+                    weigh16(vg, p, n, hd, inv, o);
+            }
+        }
+    }
+}
+
 /* One row's int4 products on torch's CPU int4 layout (quant.py: torch._convert_weight_to_int4pack_for_cpu), with x
  * quantized to int8 a group at a time, as llama.cpp's Q4_0 x Q8_0 products are. Piece j: codes at w[j] ([rows[j],
  * in / 2] uint8: for each block of 64 rows and each input k, 32 bytes, row i's code in byte i's low nibble, row

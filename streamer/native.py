@@ -80,6 +80,9 @@ def _load() -> ctypes.CDLL:
     lib.gemv_int4.restype = None
     lib.attend_bf16.argtypes = [ctypes.c_int] * 4 + [p] * 3 + [i64] * 3 + [p, p, ctypes.c_float, ctypes.c_int]
     lib.attend_bf16.restype = None
+    lib.attend_prefill_bf16.argtypes = ([ctypes.c_int, i64] + [ctypes.c_int] * 3 + [p] * 3 + [i64] * 2
+                                        + [p, ctypes.c_float, p, ctypes.c_int])
+    lib.attend_prefill_bf16.restype = None
     return lib
 
 
@@ -189,6 +192,23 @@ def attend_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.T
     out = torch.empty(D, H * hd, dtype=q.dtype)
     library().attend_bf16(D, H, KV, hd, q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
                           k.stride(2), ends.data_ptr(), out.data_ptr(), 1 / math.sqrt(hd), torch.get_num_threads())
+    return out
+
+
+def attend_prefill_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
+    """Causal attention of one sequence's chunk, as model.attend computes it with torch's SDPA (float32 inside,
+    rounded to bf16 once): q [T, H, hd] at positions start .. start + T - 1, k and v [start + T, KV, hd] (views of one
+    cache row, the same strides) -> [T, H * hd]. None where the native kernel cannot take them."""
+    T, H, hd = q.shape
+    S, KV = k.shape[0], k.shape[1]
+    if (q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype or not can_attend(q.dtype, hd)
+            or k.stride() != v.stride() or k.stride(2) != 1 or H % KV or H // KV > 8 or S != start + T):
+        return None
+    q, threads, Sp = q.contiguous(), torch.get_num_threads(), -(-S // 16) * 16
+    work = torch.empty(KV * hd * Sp + KV * S * hd + threads * H // KV * Sp, dtype=torch.float32)  # 64-byte aligned
+    out = torch.empty(T, H * hd, dtype=q.dtype)
+    library().attend_prefill_bf16(T, start, H, KV, hd, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                  k.stride(0), k.stride(1), out.data_ptr(), 1 / math.sqrt(hd), work.data_ptr(), threads)
     return out
 
 

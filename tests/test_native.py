@@ -144,6 +144,28 @@ def test_decode_attention_is_the_compiled_kernels_math(D, H, KV, hd, S):
 
 
 @needs_native
+@pytest.mark.parametrize("T,start,H,KV,hd", [(37, 0, 8, 2, 128), (20, 45, 4, 4, 64), (1, 9, 16, 2, 32), (64, 3, 8, 1, 16)])
+def test_prefill_attention_is_sdpas_math(T, start, H, KV, hd):
+    """A prompt chunk's causal attention (native.attend_prefill_bf16, which model.attend takes in bf16): as close to
+    float64 math as torch's SDPA is, at positions from 0 or after a cached prefix, any number of query heads a kv
+    head serves (1 to 8), head sizes 16 to 128, keys and values as views of a longer cache row."""
+    torch.manual_seed(T)
+    cache = torch.randn(2, 3, start + T + 11, KV, hd).bfloat16()
+    k, v, q = cache[0, 1, :start + T], cache[1, 1, :start + T], torch.randn(T, H, hd).bfloat16()
+    qq, kk, vv = (t.double().transpose(0, 1) for t in (q, k, v))
+    scores = (qq.view(KV, H // KV, T, hd) @ kk[:, None].transpose(-1, -2)) / hd ** 0.5
+    scores = scores.masked_fill(~torch.ones(T, start + T, dtype=torch.bool).tril(diagonal=start), float("-inf"))
+    want = (torch.softmax(scores, -1) @ vv[:, None]).reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)
+    mask = torch.ones(T, start + T, dtype=torch.bool).tril(diagonal=start)
+    sdpa = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                          attn_mask=mask, enable_gqa=H != KV)[0].transpose(0, 1).reshape(T, H * hd)
+    got = native.attend_prefill_bf16(q, k, v, start)
+    assert got.dtype == torch.bfloat16 and got.shape == (T, H * hd)
+    assert float((got.double() - want).abs().max()) <= 2 * float((sdpa.double() - want).abs().max()) + 1e-3
+    torch.testing.assert_close(got.float(), sdpa.float(), rtol=0, atol=1e-2)
+
+
+@needs_native
 @pytest.mark.parametrize("out,inp,group", [(64, 64, 64), (128, 256, 64), (192, 512, 128), (64, 96, 32)])
 def test_int4_gemv_is_its_formula_on_torchs_layout(out, inp, group):
     """The codes read from torch's int4 layout, x quantized to int8 a group at a time: within the output's bf16
