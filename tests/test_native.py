@@ -166,6 +166,15 @@ def test_prefill_attention_is_sdpas_math(T, start, H, KV, hd):
 
 
 @needs_native
+def test_long_prompts_take_sdpa():
+    """Past kernels.PREFILL_NATIVE_POSITIONS positions (where torch's tiled SDPA caught up) a chunk is left to SDPA."""
+    q = torch.randn(3, 2, 16).bfloat16()
+    for start, native_takes in ((kernels.PREFILL_NATIVE_POSITIONS - 3, True), (kernels.PREFILL_NATIVE_POSITIONS - 2, False)):
+        kv = torch.randn(2, start + 3, 1, 16).bfloat16()
+        assert (kernels.prefill_attention(q, kv[0], kv[1], start) is not None) == native_takes
+
+
+@needs_native
 @pytest.mark.parametrize("out,inp,group", [(64, 64, 64), (128, 256, 64), (192, 512, 128), (64, 96, 32)])
 def test_int4_gemv_is_its_formula_on_torchs_layout(out, inp, group):
     """The codes read from torch's int4 layout, x quantized to int8 a group at a time: within the output's bf16
