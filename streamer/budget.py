@@ -149,7 +149,7 @@ def draft_bytes(files: ModelFiles, context: int, batch: int = 1) -> int:
 def private_pages_faster(files: ModelFiles) -> bool:
     """Whether the native kernels read this split's resident matrices (int8, or int4 in torch's layout), which
     they read faster from private memory than from the file's mapped pages (plan)."""
-    return bool(files.quantize) and native.available() and (files.quantize != "int4" or quant.int4_native())
+    return files.quantize == "int8" and native.available() or files.quantize == "int4" and quant.int4_native()
 
 
 def plan(files: ModelFiles, budget: int | None = None, batch: int = 1, context: int = 2048,

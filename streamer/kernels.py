@@ -1,4 +1,5 @@
-"""The one-row matmul of batch-1 decode, where reading the weights from RAM is the whole cost.
+"""The one-row matmul of batch-1 decode, where reading the weights from RAM is the whole cost. Where the native
+library runs (native.py) it takes them in every run, and inductor's kernels below are for machines without it.
 
 Measured here (2 threads, 1 GiB of bf16 weights per shape, so not in cache; `python tools/bench.py MODEL --cases
 gemv` on the 8B's shapes): torch.mv reads them at 10-11 GB/s, F.linear with one row at 14-18, and a
@@ -132,8 +133,8 @@ def can_compile() -> bool:
 
 @contextlib.contextmanager
 def use_compiled(compiled: bool):
-    """Within it, one-row matmuls, decode attention and int4 tiles run the compiled kernels
-    when `compiled`, else their eager forms."""
+    """Within it, one-row matmuls and decode attention the native library does not take, and int4 tiles, run the
+    compiled kernels when `compiled`, else their eager forms."""
     token = _COMPILED.set(True if compiled else None)
     try:
         yield
@@ -142,11 +143,12 @@ def use_compiled(compiled: bool):
 
 
 def linear_one_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [1, in] @ weight.T -> [1, out]."""
+    """x [1, in] @ weight.T -> [1, out]: natively where native.gemv_bf16 takes it (in any run), else compiled within
+    use_compiled(True), else F.linear."""
+    if weight.dtype == x.dtype and (y := native.gemv_bf16(weight, x[0])) is not None:
+        return y[None]
     if _COMPILED.get() is None or weight.dtype != x.dtype:
         return F.linear(x, weight.to(x.dtype))
-    if (y := native.gemv_bf16(weight, x[0])) is not None:
-        return y[None]
     return compiled_gemv(weight, x[0])[None]
 
 
@@ -202,8 +204,8 @@ class NativeRows(NamedTuple):
 
     def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [1, in] @ W.T in one native call, each row as one piece's own call gives it; None where x takes the
-        pieces one at a time: more rows, no native kernels, or bf16 outside use_compiled(True)."""
-        if x.shape[0] != 1 or (not self.group and _COMPILED.get() is None):
+        pieces one at a time: more rows, or no native kernels."""
+        if x.shape[0] != 1:
             return None
         y = torch.empty(1, self.rows, dtype=x.dtype)
         return y if native.gemv_pieces(self.table, x[0].contiguous(), y, self.group) else None
@@ -222,7 +224,7 @@ class NativeFFN(NamedTuple):
     def at_once(self, x: torch.Tensor) -> torch.Tensor | None:
         """model.feed_forward of x [1, dim] with the same numbers, every slice's products in two native calls; None
         where x takes the slices one at a time, as NativeRows.at_once."""
-        if x.shape[0] != 1 or (not self.group and _COMPILED.get() is None):
+        if x.shape[0] != 1:
             return None
         n, dim = len(self.slices), x.shape[1]
         a = torch.empty(2 * self.hidden, dtype=x.dtype)  # every w1's rows, then every w3's

@@ -1,5 +1,5 @@
-/* Resident decode's one-row matmuls (bf16, int8, int4) and decode attention, written for AVX-512 (BF16, VNNI,
- * VBMI): reading the weights is their whole cost, and these read them faster than torch's kernels do here
+/* Resident decode's one-row matmuls (bf16, int8, int4), whose whole cost is reading the weights, and bf16 attention
+ * of decode rows and prompt chunks, written for AVX-512 (BF16, VNNI, VBMI): faster here than torch's kernels
  * (native.py gives the figures). Built by native.py at first use with -fopenmp; its OpenMP runtime is then the one
  * torch has loaded, so the two share one pool of threads. A thread takes its share of output rows (in blocks of 4;
  * 64 for int4) and reads them in order, one sequential stream. */

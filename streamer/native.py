@@ -1,4 +1,4 @@
-"""Resident decode's one-row matmuls and decode attention in native code (native.c: AVX-512 BF16, VNNI and
+"""Resident decode's one-row matmuls, and bf16 attention of decode rows and prompt chunks, in native code (native.c: AVX-512 BF16, VNNI and
 VBMI), built with the machine's C compiler at first use and kept in the user's cache; where there is no compiler,
 no such CPU, or STREAMER_NATIVE=0, every caller takes torch's kernels instead (`gemv_*` return None / False).
 
@@ -8,7 +8,8 @@ Measured here (2 threads, 8 layers of the 8B's FFN-up [28672, 4096] out of cache
 - int8: 57-62 GB/s against torch._int_mm's 49-55, with the very same exact int32 sums (k5.py);
 - int4: 60-62 GB/s of codes against torch's int4 kernel's 40-42, x quantized to int8 a group at a time (k13.py);
 - decode attention (bf16): 11 / 75 / 467 us a layer at 16 / 320 / 2048 positions against the compiled
-  kernel's 39 / 114 / 646 (k11.py), so a compiled bf16 run at batch 1 needs no inductor at all.
+  kernel's 39 / 114 / 646 (k11.py), so a compiled bf16 run at batch 1 needs no inductor at all;
+- prompt attention (bf16): 12.8 ms a layer at 512 tokens against torch's SDPA's 26.0 (k7_prefill_attn.py).
 Building takes ~0.3 s. The library links the OpenMP runtime torch has already loaded, so the two share threads.
 """
 from __future__ import annotations
@@ -179,14 +180,20 @@ def can_attend(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype == torch.bfloat16 and head_dim % 16 == 0 and head_dim <= 512 and available()
 
 
+def _attendable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """What both attention kernels need: q [..., H, hd], k and v [..., KV, hd] in bf16, k and v views of one cache (the
+    same strides) with contiguous heads, H a multiple of KV, and a head size and library can_attend takes."""
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and can_attend(q.dtype, q.shape[-1])
+            and k.stride() == v.stride() and k.stride(-1) == 1 and q.shape[-2] % k.shape[-2] == 0)
+
+
 def attend_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.Tensor) -> torch.Tensor | None:
     """kernels._decode_attention's math on q [D, H, hd] and k, v [D, S, KV, hd] (views of one cache, the same
     strides), sequence d reading positions [0, ends[d]): float32 throughout, rounded to bf16 once -> [D, H * hd].
     None where the native kernel cannot take them."""
     D, H, hd = q.shape
     KV = k.shape[2]
-    if (q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype or not can_attend(q.dtype, hd)
-            or k.stride() != v.stride() or k.stride(3) != 1 or H % KV):
+    if not _attendable(q, k, v):
         return None
     q, ends = q.contiguous(), ends.to(torch.int64).contiguous()
     out = torch.empty(D, H * hd, dtype=q.dtype)
@@ -201,8 +208,7 @@ def attend_prefill_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
     cache row, the same strides) -> [T, H * hd]. None where the native kernel cannot take them."""
     T, H, hd = q.shape
     S, KV = k.shape[0], k.shape[1]
-    if (q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype or not can_attend(q.dtype, hd)
-            or k.stride() != v.stride() or k.stride(2) != 1 or H % KV or H // KV > 8 or S != start + T):
+    if not _attendable(q, k, v) or H // KV > 8 or S != start + T:
         return None
     q, threads, Sp = q.contiguous(), torch.get_num_threads(), -(-S // 16) * 16
     work = torch.empty(KV * hd * Sp + KV * S * hd + threads * H // KV * Sp, dtype=torch.float32)  # 64-byte aligned

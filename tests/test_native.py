@@ -54,6 +54,20 @@ def test_pieces_in_one_call_are_each_pieces_own():
         assert torch.equal(acc[j].long(), w.long() @ xs[j].long())
 
 
+@needs_native
+def test_bf16_one_row_products_are_native_in_every_run():
+    """bf16 takes the native one-row products with or without compiled kernels, as int8 and int4 do: a piece alone
+    (kernels.linear_one_row) and a resident file's pieces in one call (kernels.NativeRows)."""
+    torch.manual_seed(0)
+    pieces = [torch.randn(r, 64).bfloat16() for r in (64, 32)]
+    x = torch.randn(1, 64).bfloat16()
+    rows = kernels.native_rows(pieces)
+    for compiled in (False, True):
+        with kernels.use_compiled(compiled):
+            assert torch.equal(kernels.linear_one_row(x, pieces[0])[0], native.gemv_bf16(pieces[0], x[0]))
+            assert torch.equal(rows.at_once(x)[0], torch.cat([native.gemv_bf16(w, x[0]) for w in pieces]))
+
+
 def test_without_the_library_callers_take_torch(monkeypatch):
     """STREAMER_NATIVE=0: no library, and why; the int8 one-row product is torch._int_mm's, exact as before."""
     monkeypatch.setattr(native, "_lib", None)
